@@ -1,0 +1,308 @@
+"""`HDMLModel`: backbone + metric head trained with Hardness-Aware Deep Metric Learning under `model.fit`.
+
+One training step (paper Fig. 2; official main_npair.py / main_triplet.py):
+
+1. y = backbone(x), z = head(y)                                  features [B, D], embeddings [B, E]
+2. J_m = metric loss of z + weight decay                          (official: `J_m = Loss(...) + wdLoss`)
+3. ẑ = hardness-aware augmentation of z with J_avg                (eq. 8, `hardness.augment`)
+4. ỹ = generator([z; ẑ]); its first B rows reconstruct y, the rest are synthetic features
+5. z̃ = head(synthetic features) with the SAME head (BatchNorm in training mode on both passes, as official)
+6. J_metric = e^(−β/J_gen)·J_m + (1 − e^(−β/J_gen))·J_m(z̃)       (eq. 15, J_gen its running mean)
+7. J_gen = (1−λ)·Σ(ỹ_rec − y)² + softmax_factor·λ·CE(classifier(ỹ_syn), source labels)
+8. J_ce = CE(classifier(y), labels)
+
+Gradient routing, as the official code's three `minimize(var_list=...)` calls: J_metric updates backbone and
+head only (its gradient reaches z through the generator, but generator weights do not move); J_gen updates the
+generator only; J_ce the classifier only. Running means J_avg (of e^(−β/J_gen)·J_m, as main_npair.py feeds the
+already-weighted J_m back) and J_gen are model variables, read before and updated after the step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+import keras
+import tensorflow as tf
+
+from hdml_tf import hardness
+from hdml_tf.config import HDMLConfig, OptimConfig
+from hdml_tf.generator import classifier, generator, metric_head
+from hdml_tf.losses import contrastive_loss, metric_loss, npair_loss, split_tuples, triplet_loss
+from hdml_tf.running_mean import WindowedMean
+
+#: Quantities logged each step (means over the epoch in Keras' logs).
+HDML_LOG_KEYS = ("loss", "j_m", "j_syn", "j_gen", "j_recon", "j_soft", "j_ce", "weight_decay", "pull_factor",
+                 "syn_weight", "pulled_fraction", "j_avg", "j_gen_avg", "skipped_steps")
+BASELINE_LOG_KEYS = ("loss", "j_m", "weight_decay", "j_avg", "skipped_steps")
+
+
+def make_optimizers(optim: OptimConfig = OptimConfig(), hdml: bool = True) -> Dict[str, keras.optimizers.Optimizer]:
+    """Three Adam optimizers with the official learning rates; the metric one follows the step schedule."""
+    lr = optim.learning_rate
+    if optim.decay_steps:
+        values = [lr * optim.decay_factor ** i for i in range(len(optim.decay_steps) + 1)]
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(list(optim.decay_steps), values)
+    optimizers = {"metric_optimizer": keras.optimizers.Adam(lr, name="metric_adam")}
+    if hdml:
+        optimizers["generator_optimizer"] = keras.optimizers.Adam(optim.generator_learning_rate,
+                                                                  name="generator_adam")
+        optimizers["classifier_optimizer"] = keras.optimizers.Adam(optim.classifier_learning_rate,
+                                                                   name="classifier_adam")
+    return optimizers
+
+
+def _layers_recursive(layer) -> List[keras.layers.Layer]:
+    found = []
+    for sub in getattr(layer, "layers", []) or []:
+        found.append(sub)
+        found.extend(_layers_recursive(sub))
+    return found
+
+
+def weight_decay_variables(*models) -> List[keras.Variable]:
+    """Kernels and biases of every non-BatchNorm layer (official `exclude_batch_norm`: no BN, no generator)."""
+    chosen, seen = [], set()
+    for model in models:
+        for layer in _layers_recursive(model):
+            if isinstance(layer, keras.layers.BatchNormalization) or getattr(layer, "layers", None):
+                continue
+            for v in layer.trainable_weights:
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    chosen.append(v)
+    return chosen
+
+
+@keras.saving.register_keras_serializable(package="hdml_tf")
+class HDMLModel(keras.Model):
+    """Backbone + metric head, trained with HDML (or the plain baseline when `config.hdml` is False).
+
+    Args:
+      backbone: keras.Model, images [B, S, S, 3] RGB 0..255 → features [B, D] (normalization inside).
+      num_classes: number of training classes (for the label-preserving softmax classifier).
+      config: HDMLConfig.
+
+    Calling the model returns L2-normalized embeddings [B, E] (float32), so `predict` gives what retrieval needs.
+    """
+
+    def __init__(self, backbone: keras.Model, num_classes: int, config: HDMLConfig = HDMLConfig(), **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(config, dict):
+            config = HDMLConfig(**config)
+        self.config = config
+        self.num_classes = int(num_classes)
+        self.backbone = backbone
+        feature_dim = int(backbone.output_shape[-1])
+        self.feature_dim = feature_dim
+        self.metric_head = metric_head(config.embedding_size, feature_dim)
+        self.generator_net = None
+        self.classifier_net = None
+        if config.hdml:
+            self.generator_net = generator(config.embedding_size, feature_dim, config.generator_hidden)
+            self.classifier_net = classifier(self.num_classes, feature_dim)
+        self.j_avg = WindowedMean(config.window, config.running_init, name="j_avg")
+        self.j_gen_avg = WindowedMean(config.window, config.running_init, name="j_gen_avg")
+        self.skipped = self.add_weight(shape=(), initializer="zeros", dtype="float32", trainable=False,
+                                       name="skipped_steps")
+        keys = HDML_LOG_KEYS if config.hdml else BASELINE_LOG_KEYS
+        self._trackers = {k: keras.metrics.Mean(name=k) for k in keys}
+        self._decay_vars = weight_decay_variables(self.backbone, self.metric_head)
+        self.generator_optimizer = None
+        self.classifier_optimizer = None
+
+    # ----------------------------------------------------------------------------------------------- inference
+    def call(self, images, training=False):
+        y = self.backbone(images, training=training)
+        z = tf.cast(self.metric_head(y, training=training), tf.float32)
+        return tf.math.l2_normalize(z, axis=-1)
+
+    def embedder(self, name: str = "embedder") -> keras.Model:
+        """A plain functional model images → L2-normalized embeddings sharing this model's weights (for export)."""
+        inputs = keras.Input(self.backbone.input_shape[1:], name="images")
+        z = self.metric_head(self.backbone(inputs, training=False), training=False)
+        outputs = keras.layers.UnitNormalization(axis=-1, dtype="float32", name="l2_normalize")(
+            keras.layers.Activation("linear", dtype="float32", name="to_float32")(z))
+        return keras.Model(inputs, outputs, name=name)
+
+    # ----------------------------------------------------------------------------------------------- training
+    def compile(self, metric_optimizer=None, generator_optimizer=None, classifier_optimizer=None, **kwargs):
+        """Takes the three optimizers by name (defaults: `make_optimizers()`, the official learning rates)."""
+        defaults = make_optimizers(hdml=self.config.hdml)
+        metric_optimizer = metric_optimizer or kwargs.pop("optimizer", None) or defaults["metric_optimizer"]
+        super().compile(optimizer=metric_optimizer, **kwargs)
+        self.optimizer.build(self.metric_variables)
+        if self.config.hdml:
+            self.generator_optimizer = generator_optimizer or defaults["generator_optimizer"]
+            self.classifier_optimizer = classifier_optimizer or defaults["classifier_optimizer"]
+            self.generator_optimizer.build(self.generator_net.trainable_variables)
+            self.classifier_optimizer.build(self.classifier_net.trainable_variables)
+
+    @property
+    def metric_variables(self) -> List[keras.Variable]:
+        """Variables J_metric updates: backbone and metric head."""
+        return list(self.backbone.trainable_variables) + list(self.metric_head.trainable_variables)
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    def _state_variables(self) -> List[keras.Variable]:
+        """Non-trainable state a forward pass changes (BatchNorm moving statistics)."""
+        nets = [self.backbone, self.metric_head] + ([self.generator_net] if self.config.hdml else [])
+        return [v for net in nets for v in net.non_trainable_variables]
+
+    def _global_batch(self, features, embeddings, labels):
+        """Hook for distributed training: returns the global batch the losses must see (identity here)."""
+        return features, embeddings, labels
+
+    def compute_losses(self, images, labels, training: bool = True) -> Dict[str, tf.Tensor]:
+        """All losses of one step as float32 scalars (keys as in HDML_LOG_KEYS, plus `was_pulled`)."""
+        cfg = self.config
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        y = tf.cast(self.backbone(images, training=training), tf.float32)
+        z = tf.cast(self.metric_head(y, training=training), tf.float32)
+        y, z, labels = self._global_batch(y, z, labels)
+        weight_decay = cfg.weight_decay * tf.add_n(
+            [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in self._decay_vars]) if self._decay_vars else 0.0
+        j_m = metric_loss(z, labels, cfg.loss, npair_l2=cfg.npair_l2, triplet_margin=cfg.triplet_margin,
+                          contrastive_margin=cfg.contrastive_margin) + weight_decay
+        out = {"weight_decay": tf.convert_to_tensor(weight_decay, tf.float32)}
+        if not cfg.hdml:
+            out.update(loss=j_m, j_m=j_m, j_avg_input=j_m)
+            return out
+
+        z_hat, was_pulled = hardness.augment(z, cfg.loss, self.j_avg.value, cfg.alpha)
+        batch = tf.shape(z)[0]
+        y_gen = tf.cast(self.generator_net(tf.concat([z, z_hat], axis=0), training=training), tf.float32)
+        y_rec, y_syn = y_gen[:batch], y_gen[batch:]
+        z_syn = tf.cast(self.metric_head(y_syn, training=training), tf.float32)
+        j_syn_core = self._synthetic_metric_loss(z_syn, labels)
+
+        real_weight = tf.exp(-cfg.beta / self.j_gen_avg.value)  # e^(−β/J_gen), eq. 15
+        j_m_weighted = real_weight * j_m
+        j_syn = (1.0 - real_weight) * j_syn_core
+        j_metric = j_m_weighted + j_syn
+
+        ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum_over_batch_size")
+        j_ce = ce(labels, tf.cast(self.classifier_net(y, training=training), tf.float32))
+        j_recon = (1.0 - cfg.gen_lambda) * tf.reduce_sum(tf.square(y_rec - y))
+        syn_labels = hardness.synthetic_labels(labels, cfg.loss)
+        syn_logits = tf.cast(self.classifier_net(y_syn, training=training), tf.float32)
+        if cfg.loss == "npair":
+            # Official genSoftmax: mean CE over the N anchors plus mean CE over the N·N pulled negatives.
+            n = batch // 2
+            j_soft_core = ce(syn_labels[:n], syn_logits[:n]) + ce(syn_labels[n:], syn_logits[n:])
+        else:
+            j_soft_core = ce(syn_labels, syn_logits)
+        j_soft = cfg.softmax_factor * cfg.gen_lambda * j_soft_core
+        j_gen = j_recon + j_soft
+
+        pulled = tf.cast(was_pulled, tf.float32)
+        if cfg.loss == "npair":
+            # The diagonal (anchor i against its own positive) is not a negative.
+            n = tf.cast(tf.shape(was_pulled)[0], tf.float32)
+            pulled_fraction = tf.reduce_sum(pulled) / tf.maximum(n * (n - 1.0), 1.0)
+        else:
+            pulled_fraction = tf.reduce_mean(pulled)
+        out.update(loss=j_metric, j_m=j_m_weighted, j_syn=j_syn, j_gen=j_gen, j_recon=j_recon, j_soft=j_soft,
+                   j_ce=j_ce, pull_factor=hardness.pull_factor(self.j_avg.value, cfg.alpha),
+                   syn_weight=1.0 - real_weight, pulled_fraction=pulled_fraction, j_avg_input=j_m_weighted,
+                   was_pulled=was_pulled)
+        return out
+
+    def _synthetic_metric_loss(self, z_syn, labels):
+        """J_m on the synthetic tuples z̃ (laid out as `hardness.augment` returns them), without weight decay."""
+        cfg = self.config
+        if cfg.loss == "npair":
+            anchor_labels, positive_labels = split_tuples(labels, "npair")
+            n = tf.shape(anchor_labels)[0]
+            anchors = z_syn[:n]
+            candidates = tf.reshape(z_syn[n:], [n, n, tf.shape(z_syn)[1]])
+            return npair_loss(anchors, candidates, anchor_labels, positive_labels, cfg.npair_l2)
+        if cfg.loss == "triplet":
+            return triplet_loss(*split_tuples(z_syn, "triplet"), margin=cfg.triplet_margin)
+        return contrastive_loss(*split_tuples(z_syn, "contrastive"), margin=cfg.contrastive_margin)
+
+    def _routes(self, out):
+        """(loss, optimizer, variables) triples: which loss may change which weights."""
+        routes = [(out["loss"], self.optimizer, self.metric_variables)]
+        if self.config.hdml:
+            routes.append((out["j_gen"], self.generator_optimizer, self.generator_net.trainable_variables))
+            routes.append((out["j_ce"], self.classifier_optimizer, self.classifier_net.trainable_variables))
+        return routes
+
+    def train_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        state = [tf.identity(v) for v in self._state_variables()] if self.config.skip_nonfinite else []
+        with tf.GradientTape(persistent=True) as tape:
+            out = self.compute_losses(images, labels, training=True)
+            scaled = [opt.scale_loss(loss) for loss, opt, _ in self._routes(out)]
+        grads = [tape.gradient(s, variables) for s, (_, _, variables) in zip(scaled, self._routes(out))]
+        del tape
+
+        losses = [out[k] for k in out if k != "was_pulled"]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(l)) for l in losses])
+        if not self.config.skip_nonfinite:
+            finite = tf.constant(True)
+        # With loss scaling, non-finite gradients are the optimizer's business (it lowers the scale and skips);
+        # otherwise a non-finite gradient is as bad as a non-finite loss.
+        for g, (_, opt, _) in zip(grads, self._routes(out)):
+            if self.config.skip_nonfinite and not isinstance(opt, keras.optimizers.LossScaleOptimizer):
+                finite = tf.logical_and(finite, tf.reduce_all(
+                    [tf.reduce_all(tf.math.is_finite(x)) for x in g if x is not None]))
+
+        def apply():
+            for g, (_, opt, variables) in zip(grads, self._routes(out)):
+                opt.apply(g, variables)
+            self.j_avg.update(out["j_avg_input"])
+            if self.config.hdml:
+                self.j_gen_avg.update(out["j_gen"])
+            return tf.constant(0.0)
+
+        def skip():
+            for v, saved in zip(self._state_variables(), state):
+                v.assign(saved)
+            self.skipped.assign_add(1.0)
+            return tf.constant(1.0)
+
+        if self.config.skip_nonfinite:
+            tf.cond(finite, apply, skip)
+        else:
+            apply()
+        return self._log(out)
+
+    def _log(self, out):
+        for key, tracker in self._trackers.items():
+            if key == "j_avg":
+                tracker.update_state(self.j_avg.value)
+            elif key == "j_gen_avg":
+                tracker.update_state(self.j_gen_avg.value)
+            elif key == "skipped_steps":
+                tracker.update_state(self.skipped)
+            elif key in out:
+                tracker.update_state(tf.where(tf.math.is_finite(out[key]), out[key], 0.0))
+        return {key: tracker.result() for key, tracker in self._trackers.items()}
+
+    def test_step(self, data):
+        """J_m (with weight decay, without HDML) on a batch in the tuple layout; no update."""
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        z = tf.cast(self.metric_head(self.backbone(images, training=False), training=False), tf.float32)
+        j_m = metric_loss(z, labels, self.config.loss, npair_l2=self.config.npair_l2,
+                          triplet_margin=self.config.triplet_margin,
+                          contrastive_margin=self.config.contrastive_margin)
+        self._trackers["loss"].update_state(j_m)
+        self._trackers["j_m"].update_state(j_m)
+        return {"loss": self._trackers["loss"].result(), "j_m": self._trackers["j_m"].result()}
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def get_config(self):
+        return {"backbone": keras.saving.serialize_keras_object(self.backbone),
+                "num_classes": self.num_classes, "config": dataclasses.asdict(self.config),
+                "name": self.name}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        backbone = keras.saving.deserialize_keras_object(config.pop("backbone"), custom_objects=custom_objects)
+        hdml_config = HDMLConfig(**config.pop("config"))
+        return cls(backbone=backbone, config=hdml_config, **config)
