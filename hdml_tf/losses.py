@@ -128,3 +128,42 @@ def metric_loss(embeddings: tf.Tensor, labels: tf.Tensor, loss: str, *, npair_l2
     if loss == "contrastive":
         return contrastive_loss(*split_tuples(embeddings, loss), margin=contrastive_margin)
     raise ValueError(f"loss={loss!r} is unknown; expected one of {', '.join(LOSSES)}")
+
+
+def reconstruction_loss(reconstructed: tf.Tensor, features: tf.Tensor, gen_lambda: float = 0.5) -> tf.Tensor:
+    """J_recon = (1 − λ)·Σ (ỹ − y)², a SUM over rows and features as in main_npair.py (not a mean).
+
+    Args:
+      reconstructed: ỹ [B, D], the generator's output for the original embeddings z.
+      features: y [B, D], the backbone features.
+    """
+    diff = tf.cast(reconstructed, tf.float32) - tf.cast(features, tf.float32)
+    return (1.0 - gen_lambda) * tf.reduce_sum(tf.square(diff))
+
+
+def label_preserving_softmax(logits: tf.Tensor, labels: tf.Tensor, loss: str, softmax_factor: float = 1e4,
+                             gen_lambda: float = 0.5) -> tf.Tensor:
+    """J_soft: the classifier must still recognise each synthetic point's source class (paper eq. 13).
+
+    Args:
+      logits: classifier logits of the synthetic features, rows laid out as `hardness.augment`'s z_hat.
+      labels: int, the source labels of those rows (`hardness.synthetic_labels`).
+      loss: the tuple layout. For N-pair the official genSoftmax averages the N anchors and the N·N pulled
+        negatives separately and adds the two means; otherwise one mean over all rows (main_triplet.py).
+    Returns:
+      float32 scalar softmax_factor·λ·CE.
+    """
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.cast(labels, tf.int32)
+
+    def ce(lab, lgt):
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=lab, logits=lgt))
+
+    if loss == "npair":
+        # z_hat has N + N² rows; N is the positive root of N² + N − rows = 0.
+        rows = tf.cast(tf.shape(labels)[0], tf.float32)
+        n = tf.cast(tf.round((tf.sqrt(1.0 + 4.0 * rows) - 1.0) / 2.0), tf.int32)
+        core = ce(labels[:n], logits[:n]) + ce(labels[n:], logits[n:])
+    else:
+        core = ce(labels, logits)
+    return softmax_factor * gen_lambda * core

@@ -27,7 +27,8 @@ import tensorflow as tf
 from hdml_tf import hardness
 from hdml_tf.config import HDMLConfig, OptimConfig
 from hdml_tf.generator import classifier, generator, metric_head
-from hdml_tf.losses import contrastive_loss, metric_loss, npair_loss, split_tuples, triplet_loss
+from hdml_tf.losses import (contrastive_loss, label_preserving_softmax, metric_loss, npair_loss,
+                            reconstruction_loss, split_tuples, triplet_loss)
 from hdml_tf.running_mean import WindowedMean
 
 #: Quantities logged each step (means over the epoch in Keras' logs).
@@ -183,18 +184,12 @@ class HDMLModel(keras.Model):
         j_syn = (1.0 - real_weight) * j_syn_core
         j_metric = j_m_weighted + j_syn
 
-        ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum_over_batch_size")
-        j_ce = ce(labels, tf.cast(self.classifier_net(y, training=training), tf.float32))
-        j_recon = (1.0 - cfg.gen_lambda) * tf.reduce_sum(tf.square(y_rec - y))
-        syn_labels = hardness.synthetic_labels(labels, cfg.loss)
-        syn_logits = tf.cast(self.classifier_net(y_syn, training=training), tf.float32)
-        if cfg.loss == "npair":
-            # Official genSoftmax: mean CE over the N anchors plus mean CE over the N·N pulled negatives.
-            n = batch // 2
-            j_soft_core = ce(syn_labels[:n], syn_logits[:n]) + ce(syn_labels[n:], syn_logits[n:])
-        else:
-            j_soft_core = ce(syn_labels, syn_logits)
-        j_soft = cfg.softmax_factor * cfg.gen_lambda * j_soft_core
+        j_ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=labels, logits=tf.cast(self.classifier_net(y, training=training), tf.float32)))
+        j_recon = reconstruction_loss(y_rec, y, cfg.gen_lambda)
+        syn_logits = self.classifier_net(y_syn, training=training)
+        j_soft = label_preserving_softmax(syn_logits, hardness.synthetic_labels(labels, cfg.loss), cfg.loss,
+                                          cfg.softmax_factor, cfg.gen_lambda)
         j_gen = j_recon + j_soft
 
         pulled = tf.cast(was_pulled, tf.float32)

@@ -1,0 +1,41 @@
+"""Shared test set-up: quiet TensorFlow, seeded NumPy, the official reference vectors, a tiny backbone."""
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def shared_dir():
+    """`../shared` beside the checkout (or $HDML_SHARED_DIR); None in a user's clone."""
+    env = os.environ.get("HDML_SHARED_DIR")
+    candidates = [pathlib.Path(env)] if env else []
+    candidates.append(pathlib.Path(__file__).resolve().parents[2] / "shared")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def official():
+    with np.load(DATA / "official_vectors.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def tiny_backbone(image_size=16, feature_dim=32, seed=0):
+    """A two-layer CNN standing in for InceptionV1 where the backbone is not under test."""
+    import keras
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((image_size, image_size, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(feature_dim, name="fc")(x)
+    return keras.Model(inputs, x, name="tiny_backbone")
