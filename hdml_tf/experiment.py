@@ -1,0 +1,272 @@
+"""One training run end to end: data → model → `model.fit` → metrics on the unseen test classes.
+
+`tools/train.py`, `tools/reproduce.py` and the benchmarks parse their flags into a `RunConfig` (plus the method's
+`HDMLConfig` and the optimizers' `OptimConfig`) and call the functions here; nothing here reads flags.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig
+from hdml_tf.data.image_set import ImageSet
+
+log = logging.getLogger(__name__)
+
+#: Data sets whose images ship with the installed packages (no --data_dir).
+EMBEDDED = ("glyphs", "digits")
+PHOTO_DATASETS = ("cub200", "cars196", "sop", "folder")
+#: Recall@K reported per data set (paper: 1,2,4,8 for CUB/Cars, 1,10,100 for SOP; plus larger K where they fit).
+DEFAULT_RECALL_KS = {"sop": (1, 10, 100, 1000)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What to train on and for how long (the method itself is HDMLConfig).
+
+    Attributes:
+      dataset: "glyphs" (default, embedded), "digits" (embedded), "cub200", "cars196", "sop" or "folder".
+      data_dir: where a photo data set is unpacked (not used by the embedded ones).
+      backbone: "inception_v1_slim", "inception_v1_caffe" or "resnet50".
+      image_size: crop fed to the backbone; 0 = 64 for the embedded sets, else the backbone's (227 / 224).
+      resize: side of the square images are resized to before cropping; 0 = image_size for the embedded sets,
+        256 for photos (official).
+      flip: random horizontal flips; None = on for photos, off for glyphs/digits (mirrored letters are other
+        classes).
+      weights: ImageNet weights file for the backbone (None trains from scratch).
+      caffe_lrn: Caffe's own LRN instead of the official code's (inception_v1_caffe only).
+      batch_size: global batch in the tuple layout of the loss.
+      steps: optimizer steps.
+      steps_per_epoch: steps per Keras epoch (progress bar, logs, evaluation granularity).
+      eval_every_epochs: evaluate the test classes every k epochs (0: only at the end).
+      eval_batch_size: rows per batch when embedding.
+      recall_ks: K of Recall@K (empty: per data set default).
+      seed: seeds sampling, augmentation and initialization.
+      output_dir: results.json, history.csv, curves.png, the trained weights.
+      cache: None, "memory" or a directory for decoded images (photo data sets).
+      strict_images: an unreadable image stops the run instead of being skipped and reported.
+      verbose: Keras verbosity (1 = progress bar).
+    """
+
+    dataset: str = "glyphs"
+    data_dir: Optional[str] = None
+    backbone: str = "inception_v1_slim"
+    image_size: int = 0
+    resize: int = 0
+    flip: Optional[bool] = None
+    weights: Optional[str] = None
+    caffe_lrn: bool = False
+    batch_size: int = 128
+    steps: int = 8000
+    steps_per_epoch: int = 500
+    eval_every_epochs: int = 0
+    eval_batch_size: int = 64
+    recall_ks: Tuple[int, ...] = ()
+    seed: int = 0
+    output_dir: str = "runs/default"
+    cache: Optional[str] = None
+    strict_images: bool = False
+    verbose: int = 1
+
+    def __post_init__(self):
+        from hdml_tf.backbones import BACKBONES
+        if self.dataset not in EMBEDDED + PHOTO_DATASETS:
+            raise ConfigError(f"dataset={self.dataset!r} is unknown; expected one of "
+                              f"{', '.join(EMBEDDED + PHOTO_DATASETS)}")
+        if self.dataset in PHOTO_DATASETS and not self.data_dir:
+            raise ConfigError(f"dataset={self.dataset} needs --data_dir (where its archive is unpacked)")
+        if self.data_dir and self.dataset in PHOTO_DATASETS and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"data_dir={self.data_dir} is not a directory")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone={self.backbone!r} is unknown; expected one of {', '.join(BACKBONES)}")
+        if self.weights and self.weights != "imagenet" and not os.path.exists(self.weights) and not (
+                os.path.exists(self.weights + ".index")):
+            raise ConfigError(f"weights={self.weights} does not exist")
+        for name in ("steps", "steps_per_epoch", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        if self.image_size and self.image_size < 32:
+            raise ConfigError(f"image_size={self.image_size} must be >= 32 (or 0 for the default)")
+        if any(k <= 0 for k in self.recall_ks):
+            raise ConfigError(f"recall_ks={self.recall_ks} must be positive")
+
+    @property
+    def embedded(self) -> bool:
+        return self.dataset in EMBEDDED
+
+    def crop_size(self) -> int:
+        from hdml_tf.backbones import default_image_size
+        return self.image_size or (64 if self.embedded else default_image_size(self.backbone))
+
+    def augment(self):
+        from hdml_tf.data.images import Augment
+        crop = self.crop_size()
+        resize = self.resize or (crop if self.embedded else max(256, crop))
+        flip = (not self.embedded) if self.flip is None else self.flip
+        return Augment(resize=resize, crop=crop, flip=flip)
+
+    def ks(self) -> Tuple[int, ...]:
+        return tuple(self.recall_ks) or DEFAULT_RECALL_KS.get(self.dataset, (1, 2, 4, 8))
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_splits(run: RunConfig) -> Tuple[ImageSet, ImageSet]:
+    """(train, test) ImageSets of the zero-shot split (test classes unseen in training)."""
+    if run.dataset == "glyphs":
+        from hdml_tf.data.glyphs import load_glyphs
+        return tuple(load_glyphs(image_size=run.resize or run.crop_size(), seed=run.seed))
+    if run.dataset == "digits":
+        from hdml_tf.data.digits import load_digits
+        return tuple(load_digits(image_size=run.resize or run.crop_size(), seed=run.seed))
+    from hdml_tf.data.readers import read_dataset
+    splits = read_dataset(run.dataset, run.data_dir)
+    report = getattr(splits, "report", None)
+    if report is not None:
+        (log.warning if report.partial else log.info)(report.summary())
+    return splits[0], splits[1]
+
+
+def train_dataset(run: RunConfig, hdml: HDMLConfig, train: ImageSet, start_step: int = 0) -> tf.data.Dataset:
+    from hdml_tf.data.pipeline import make_train_dataset
+    return make_train_dataset(train, hdml.loss, run.batch_size, run.augment(), seed=run.seed, cache=run.cache,
+                              start_step=start_step, strict_images=run.strict_images, verbose=run.verbose)
+
+
+def eval_dataset(run: RunConfig, image_set: ImageSet) -> tf.data.Dataset:
+    from hdml_tf.data.pipeline import make_eval_dataset
+    return make_eval_dataset(image_set, run.eval_batch_size, run.augment(), cache=run.cache,
+                             strict_images=run.strict_images, verbose=0)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_model(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, num_classes: int):
+    """HDMLModel with its backbone (and ImageNet weights if given), compiled with the three optimizers."""
+    from hdml_tf.backbones import build_backbone
+    from hdml_tf.model import HDMLModel, make_optimizers
+    keras.utils.set_random_seed(run.seed)
+    if not run.weights:
+        log.warning("training %s from random initialization: the paper's numbers need ImageNet weights "
+                    "(--weights, see README 'ImageNet weights')", run.backbone)
+    backbone = build_backbone(run.backbone, run.crop_size(), weights=run.weights, caffe_lrn=run.caffe_lrn)
+    model = HDMLModel(backbone, num_classes, hdml)
+    model.compile(**make_optimizers(optim, hdml=hdml.hdml))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def evaluate_model(model, dataset: tf.data.Dataset, ks: Sequence[int], progress: bool = False) -> Dict[str, float]:
+    """NMI, F1, Recall@K, MAP@R of a model's embeddings of an evaluation dataset."""
+    from hdml_tf.evaluation.embedding import embed_dataset
+    from hdml_tf.evaluation.metrics import evaluate
+    embeddings, labels = embed_dataset(model, dataset, progress=progress)
+    return evaluate(embeddings, labels, recall_ks=_fitting_ks(ks, labels))
+
+
+def evaluate_raw_pixels(dataset: tf.data.Dataset, ks: Sequence[int]) -> Dict[str, float]:
+    """The same metrics with the flattened, L2-normalized pixels as the embedding (what training must beat)."""
+    from hdml_tf.evaluation.embedding import embed_dataset
+    from hdml_tf.evaluation.metrics import evaluate
+
+    def pixels(images):
+        flat = tf.reshape(tf.cast(images, tf.float32), [tf.shape(images)[0], -1])
+        return tf.math.l2_normalize(flat - tf.reduce_mean(flat, axis=1, keepdims=True), axis=1)
+
+    embeddings, labels = embed_dataset(pixels, dataset, progress=False)
+    return evaluate(embeddings, labels, recall_ks=_fitting_ks(ks, labels))
+
+
+def _fitting_ks(ks, labels):
+    """Recall@K needs K < N (a query never retrieves itself)."""
+    return tuple(k for k in ks if k < len(labels)) or (1,)
+
+
+# ------------------------------------------------------------------------------------------------ run
+def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Sequence = (),
+        initial_step: int = 0) -> keras.callbacks.History:
+    """`model.fit` for `run.steps` steps, epochs of `run.steps_per_epoch` (the last one may be shorter)."""
+    epochs = -(-run.steps // run.steps_per_epoch)
+    initial_epoch = initial_step // run.steps_per_epoch
+    ds = train_dataset(run, hdml, train, start_step=initial_step)
+    steps_per_epoch = min(run.steps_per_epoch, run.steps)
+    return model.fit(ds, epochs=epochs, steps_per_epoch=steps_per_epoch, initial_epoch=initial_epoch,
+                     callbacks=list(callbacks), verbose=run.verbose)
+
+
+def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, compare_baseline: bool = False,
+                   callbacks: Sequence = (), printer=print) -> Dict:
+    """Trains HDML (and the plain baseline when asked) and scores raw pixels, the untrained and the trained network.
+
+    Writes into run.output_dir: results.json, history_<variant>.csv, curves_<variant>.png, <variant>.weights.h5.
+    Returns the results dict (also in results.json).
+    """
+    hdml.check_batch_size(run.batch_size)
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = load_splits(run)
+    printer(f"data: {run.dataset}: {len(train):,} training images of {train.num_classes} classes, "
+            f"{len(test):,} test images of {test.num_classes} unseen classes; crop {run.crop_size()} px")
+    test_ds = eval_dataset(run, test)
+    ks = run.ks()
+    results = {"run": dataclasses.asdict(run), "method": dataclasses.asdict(hdml),
+               "optim": dataclasses.asdict(optim), "test": {}}
+    results["test"]["raw_pixels"] = evaluate_raw_pixels(test_ds, ks)
+    variants = [("hdml" if hdml.hdml else "baseline", hdml)]
+    if compare_baseline and hdml.hdml:
+        variants.append(("baseline", dataclasses.replace(hdml, hdml=False)))
+    for name, cfg in variants:
+        model = build_model(run, cfg, optim, train.num_classes)
+        if "untrained" not in results["test"]:
+            results["test"]["untrained"] = evaluate_model(model, test_ds, ks)
+        printer(f"training {name}: {cfg.loss} loss, {run.backbone}, batch {run.batch_size}, {run.steps} steps")
+        start = time.time()
+        history = fit(model, run, cfg, train, callbacks)
+        seconds = time.time() - start
+        results["test"][name] = evaluate_model(model, test_ds, ks)
+        results.setdefault("train_seconds", {})[name] = round(seconds, 1)
+        _write_history(history.history, out / f"history_{name}.csv")
+        _plot_curves(out / f"history_{name}.csv", out / f"curves_{name}.png")
+        model.save_weights(str(out / f"{name}.weights.h5"))
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    printer(format_table(results["test"], ks))
+    return results
+
+
+def _write_history(history: Dict[str, List[float]], path: Path) -> None:
+    keys = sorted(history)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch"] + keys)
+        for i in range(len(history[keys[0]]) if keys else 0):
+            writer.writerow([i + 1] + [float(history[k][i]) for k in keys])
+
+
+def _plot_curves(csv_path: Path, png_path: Path) -> None:
+    try:
+        from hdml_tf.evaluation.plots import plot_training_curves
+    except ImportError:  # pragma: no cover - plots are optional for a run
+        return
+    plot_training_curves(str(csv_path), str(png_path))
+
+
+def format_table(rows: Dict[str, Dict[str, float]], ks: Sequence[int]) -> str:
+    """Paper-style table: one row per embedding, NMI / F1 / Recall@K / MAP@R in percent."""
+    columns = ["nmi", "f1"] + [f"recall@{k}" for k in ks] + ["map@r"]
+    present = [c for c in columns if any(c in r for r in rows.values())]
+    width = max(len(n) for n in rows) + 2
+    head = "".ljust(width) + "".join(c.upper().replace("RECALL@", "R@").rjust(9) for c in present)
+    lines = [head, "-" * len(head)]
+    for name, metrics in rows.items():
+        cells = "".join((f"{100 * metrics[c]:.1f}" if c in metrics else "-").rjust(9) for c in present)
+        lines.append(name.ljust(width) + cells)
+    return "\n".join(lines)
