@@ -56,6 +56,20 @@ class RunConfig:
       cache: None, "memory" or a directory for decoded images (photo data sets).
       strict_images: an unreadable image stops the run instead of being skipped and reported.
       verbose: Keras verbosity (1 = progress bar).
+      checkpoint_dir: where training checkpoints go (one sub-directory per variant, "hdml" / "baseline"); a run
+        started again with the same checkpoint_dir resumes from the newest readable checkpoint. None: no
+        checkpoints, no resume.
+      checkpoint_every: steps between checkpoints (0: only at the end and on SIGTERM).
+      keep_checkpoints: newest checkpoints kept per variant.
+      deterministic: seeds everything and enables TensorFlow op determinism: equal runs give equal weights,
+        and so does a run interrupted and resumed (slower on GPU).
+      max_bad_steps: training stops after this many consecutive steps with a NaN/Inf loss or gradient (each is
+        skipped: no update); 0: never stop.
+      strategy: "default" (one device), "mirrored" (every GPU of this machine) or "multi_worker" (every GPU of
+        every machine listed in TF_CONFIG). batch_size stays the GLOBAL batch: losses and synthesis see all of it
+        (hdml_tf/distribute.py); it must hold a multiple of the replicas' count of tuples.
+      mixed_precision: "float32", "float16" (dynamic loss scaling on all three optimizers) or "bfloat16" compute
+        for backbone and metric head; losses, distances, synthesis, generator and classifier stay float32.
     """
 
     dataset: str = "glyphs"
@@ -77,6 +91,13 @@ class RunConfig:
     cache: Optional[str] = None
     strict_images: bool = False
     verbose: int = 1
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    deterministic: bool = False
+    max_bad_steps: int = 20
+    strategy: str = "default"
+    mixed_precision: str = "float32"
 
     def __post_init__(self):
         from hdml_tf.backbones import BACKBONES
@@ -99,6 +120,8 @@ class RunConfig:
             raise ConfigError(f"image_size={self.image_size} must be >= 32 (or 0 for the default)")
         if any(k <= 0 for k in self.recall_ks):
             raise ConfigError(f"recall_ks={self.recall_ks} must be positive")
+        _check_fault_tolerance(self)
+        _check_distribution(self)
 
     @property
     def embedded(self) -> bool:
@@ -117,6 +140,23 @@ class RunConfig:
 
     def ks(self) -> Tuple[int, ...]:
         return tuple(self.recall_ks) or DEFAULT_RECALL_KS.get(self.dataset, (1, 2, 4, 8))
+
+
+def _check_fault_tolerance(run: RunConfig) -> None:
+    """Validates the checkpoint / determinism / NaN-guard fields of a RunConfig."""
+    for name, low in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_bad_steps", 0)):
+        if getattr(run, name) < low:
+            raise ConfigError(f"{name}={getattr(run, name)} must be >= {low}")
+
+
+def _check_distribution(run: RunConfig) -> None:
+    """Validates the strategy / mixed_precision fields of a RunConfig."""
+    from hdml_tf.distribute import PRECISIONS, STRATEGIES
+    if run.strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={run.strategy!r} is unknown; expected one of {', '.join(STRATEGIES)}")
+    if run.mixed_precision not in PRECISIONS:
+        raise ConfigError(f"mixed_precision={run.mixed_precision!r} is unknown; expected one of "
+                          f"{', '.join(PRECISIONS)}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -150,7 +190,16 @@ def eval_dataset(run: RunConfig, image_set: ImageSet) -> tf.data.Dataset:
 
 # ------------------------------------------------------------------------------------------------ model
 def build_model(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, num_classes: int):
-    """HDMLModel with its backbone (and ImageNet weights if given), compiled with the three optimizers."""
+    """HDMLModel with its backbone (and ImageNet weights if given), compiled with the three optimizers; built in
+    `run.mixed_precision` under the scope of `run.strategy` (variables mirrored on every replica)."""
+    from hdml_tf import distribute
+    distribute.set_mixed_precision(run.mixed_precision)
+    with distribution_strategy(run).scope():
+        return _build_model(run, hdml, optim, num_classes)
+
+
+def _build_model(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, num_classes: int):
+    from hdml_tf import distribute
     from hdml_tf.backbones import build_backbone
     from hdml_tf.model import HDMLModel, make_optimizers
     keras.utils.set_random_seed(run.seed)
@@ -159,8 +208,35 @@ def build_model(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, num_classe
                     "(--weights, see README 'ImageNet weights')", run.backbone)
     backbone = build_backbone(run.backbone, run.crop_size(), weights=run.weights, caffe_lrn=run.caffe_lrn)
     model = HDMLModel(backbone, num_classes, hdml)
-    model.compile(**make_optimizers(optim, hdml=hdml.hdml))
+    model.compile(**distribute.loss_scale_optimizers(make_optimizers(optim, hdml=hdml.hdml), run.mixed_precision))
     return model
+
+
+def distribution_strategy(run: RunConfig) -> tf.distribute.Strategy:
+    """The tf.distribute strategy of `run.strategy` (created once per process)."""
+    from hdml_tf import distribute
+    return distribute.get_strategy(run.strategy)
+
+
+def distributed_train_dataset(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet,
+                              start_step: int = 0):
+    """`train_dataset` split over the replicas of the model's strategy so that the losses see exactly the global
+    batch a single device would (the plain dataset under the default strategy)."""
+    from hdml_tf import distribute
+    return distribute.distribute_dataset(model.distribute_strategy,
+                                         lambda: train_dataset(run, hdml, train, start_step=start_step), hdml.loss)
+
+
+def _per_worker_output(run: RunConfig, strategy) -> RunConfig:
+    """Multi-worker: every worker runs the same command in lockstep; the chief writes into output_dir (and
+    checkpoint_dir), the other workers into a `worker_<index>` sub-directory, so no two write the same file."""
+    from hdml_tf import distribute
+    if distribute.is_chief(strategy):
+        return run
+    sub = f"worker_{strategy.cluster_resolver.task_id}"
+    return dataclasses.replace(
+        run, output_dir=str(Path(run.output_dir) / sub),
+        checkpoint_dir=str(Path(run.checkpoint_dir) / sub) if run.checkpoint_dir else None)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -193,13 +269,83 @@ def _fitting_ks(ks, labels):
 # ------------------------------------------------------------------------------------------------ run
 def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Sequence = (),
         initial_step: int = 0) -> keras.callbacks.History:
-    """`model.fit` for `run.steps` steps, epochs of `run.steps_per_epoch` (the last one may be shorter)."""
+    """`model.fit` up to global step `run.steps`, in epochs of `run.steps_per_epoch`; resumable.
+
+    With `run.checkpoint_dir`, the newest readable checkpoint of this variant is restored first (model, the three
+    optimizers, J_avg / J_gen, step counter) and training goes on from its step: the sampler continues at that
+    batch (`start_step`) and the learning-rate schedule at the restored `optimizer.iterations`. Checkpoints are
+    written every `run.checkpoint_every` steps, at the end and on SIGTERM. After a mid-epoch resume Keras counts
+    epochs from the resume point; the global step, and so the weights, are those of an uninterrupted run.
+
+    Raises:
+      TrainingInterrupted: SIGTERM stopped training (after saving a checkpoint); run again to resume.
+      TrainingDiverged: `run.max_bad_steps` consecutive steps had NaN/Inf losses or gradients.
+      CheckpointError: checkpoint_dir holds checkpoints, none readable or of another model.
+      ConfigError: the model's classifier has fewer outputs than the training split has classes.
+    """
+    from hdml_tf.callbacks import SaveOnSignal, TrainingInterrupted
+    check_num_classes(model, train)
+    if run.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    manager = checkpoint_manager(run, hdml)
+    if manager is not None:
+        restored = manager.restore(model)
+        initial_step = initial_step if restored is None else restored
+    if initial_step >= run.steps:
+        log.info("training already reached step %d of %d (checkpoint in %s); nothing left to train", initial_step,
+                 run.steps, manager.directory if manager else "-")
+        return keras.callbacks.History()
+    safety = fault_tolerance_callbacks(run, manager, initial_step)
     epochs = -(-run.steps // run.steps_per_epoch)
-    initial_epoch = initial_step // run.steps_per_epoch
-    ds = train_dataset(run, hdml, train, start_step=initial_step)
-    steps_per_epoch = min(run.steps_per_epoch, run.steps)
-    return model.fit(ds, epochs=epochs, steps_per_epoch=steps_per_epoch, initial_epoch=initial_epoch,
-                     callbacks=list(callbacks), verbose=run.verbose)
+    ds = distributed_train_dataset(model, run, hdml, train, start_step=initial_step)
+    try:
+        history = model.fit(ds, epochs=epochs, steps_per_epoch=min(run.steps_per_epoch, run.steps),
+                            initial_epoch=initial_step // run.steps_per_epoch, callbacks=safety + list(callbacks),
+                            verbose=run.verbose)
+    finally:
+        for cb in safety:
+            if isinstance(cb, SaveOnSignal):
+                cb.restore_handlers()
+    for cb in safety:
+        if isinstance(cb, SaveOnSignal) and cb.interrupted is not None:
+            raise TrainingInterrupted(cb.message, cb.interrupted)
+    return history
+
+
+def enable_determinism(seed: int) -> None:
+    """Seeds Python, NumPy, TensorFlow and Keras, and makes TensorFlow ops deterministic (global, irreversible)."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def check_num_classes(model, train: ImageSet) -> None:
+    """The softmax classifier needs an output per training class: a label >= its size gives NaN losses on a GPU
+    (TensorFlow's sparse cross-entropy returns NaN rows there) and an error on a CPU."""
+    classes = getattr(model, "num_classes", None)
+    if getattr(model, "classifier_net", None) is not None and classes is not None and train.num_classes > classes:
+        raise ConfigError(f"the training split {train.name or ''} has {train.num_classes} classes but the model's "
+                          f"softmax classifier has {classes} outputs; build the model with "
+                          f"num_classes={train.num_classes}")
+
+
+def checkpoint_manager(run: RunConfig, hdml: HDMLConfig):
+    """CheckpointManager of this variant (checkpoint_dir/hdml or /baseline), or None without checkpoint_dir."""
+    if not run.checkpoint_dir:
+        return None
+    from hdml_tf.checkpointing import CheckpointManager
+    return CheckpointManager(Path(run.checkpoint_dir) / ("hdml" if hdml.hdml else "baseline"),
+                             keep=run.keep_checkpoints)
+
+
+def fault_tolerance_callbacks(run: RunConfig, manager, initial_step: int) -> List[keras.callbacks.Callback]:
+    """Step limit, NaN guard, and with a checkpoint manager periodic checkpoints and save-on-SIGTERM (in this order:
+    the guard raises before a checkpoint of a diverged step could be written)."""
+    from hdml_tf.callbacks import NonFiniteGuard, PeriodicCheckpoint, SaveOnSignal, StopAtStep
+    found = [StopAtStep(run.steps, initial_step), NonFiniteGuard(run.max_bad_steps, initial_step, manager)]
+    if manager is not None:
+        checkpoint = PeriodicCheckpoint(manager, run.checkpoint_every, initial_step)
+        found += [checkpoint, SaveOnSignal(checkpoint, initial_step=initial_step)]
+    return found
 
 
 def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, compare_baseline: bool = False,
@@ -210,11 +356,18 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     Returns the results dict (also in results.json).
     """
     hdml.check_batch_size(run.batch_size)
+    from hdml_tf import distribute
+    strategy = distribution_strategy(run)  # first: MultiWorkerMirroredStrategy must precede other TF ops
+    distribute.check_global_batch(strategy, run.batch_size, hdml.loss)
+    run = _per_worker_output(run, strategy)
+    if run.deterministic:
+        enable_determinism(run.seed)
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_splits(run)
     printer(f"data: {run.dataset}: {len(train):,} training images of {train.num_classes} classes, "
             f"{len(test):,} test images of {test.num_classes} unseen classes; crop {run.crop_size()} px")
+    printer(distribute.describe(strategy, run.batch_size, hdml.loss) + f"; {run.mixed_precision} compute")
     test_ds = eval_dataset(run, test)
     ks = run.ks()
     results = {"run": dataclasses.asdict(run), "method": dataclasses.asdict(hdml),

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from hdml_tf import hardness
+from hdml_tf import distribute, hardness
 from hdml_tf.config import HDMLConfig, OptimConfig
 from hdml_tf.generator import classifier, generator, metric_head
 from hdml_tf.losses import (contrastive_loss, label_preserving_softmax, metric_loss, npair_loss,
@@ -95,16 +95,29 @@ class HDMLModel(keras.Model):
         self.backbone = backbone
         feature_dim = int(backbone.output_shape[-1])
         self.feature_dim = feature_dim
-        self.metric_head = metric_head(config.embedding_size, feature_dim)
         self.generator_net = None
         self.classifier_net = None
-        if config.hdml:
-            self.generator_net = generator(config.embedding_size, feature_dim, config.generator_hidden)
-            self.classifier_net = classifier(self.num_classes, feature_dim)
+        # Mixed precision: only the backbone computes in float16/bfloat16. The head, generator and classifier are
+        # tiny and stay float32: embeddings keep full precision for the distances, and the gradients of J_soft
+        # (×1e4) and J_recon (a sum) at the generator's and classifier's outputs would overflow float16.
+        with distribute.float32_layers():
+            self.metric_head = metric_head(config.embedding_size, feature_dim)
+            if config.hdml:
+                self.generator_net = generator(config.embedding_size, feature_dim, config.generator_hidden)
+                self.classifier_net = classifier(self.num_classes, feature_dim)
+        if tf.distribute.has_strategy():
+            # Built under a strategy's scope: backbone and head see per-replica rows, their BatchNorm statistics
+            # must be the global batch's (the generator only sees the gathered global batch).
+            distribute.synchronize_batch_norm(self.backbone, self.metric_head)
         self.j_avg = WindowedMean(config.window, config.running_init, name="j_avg")
         self.j_gen_avg = WindowedMean(config.window, config.running_init, name="j_gen_avg")
         self.skipped = self.add_weight(shape=(), initializer="zeros", dtype="float32", trainable=False,
                                        name="skipped_steps")
+        # Diagnostics of the last step for the NaN guard (hdml_tf.callbacks.NonFiniteGuard): 1.0 where a loss or a
+        # route's gradient was NaN/Inf. A plain tf.Variable: not model state, so not in weights or checkpoints.
+        self.nonfinite_names = self._nonfinite_names()
+        self.nonfinite = tf.Variable(tf.zeros([len(self.nonfinite_names)]), trainable=False, name="nonfinite",
+                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         keys = HDML_LOG_KEYS if config.hdml else BASELINE_LOG_KEYS
         self._trackers = {k: keras.metrics.Mean(name=k) for k in keys}
         self._decay_vars = weight_decay_variables(self.backbone, self.metric_head)
@@ -153,8 +166,9 @@ class HDMLModel(keras.Model):
         return [v for net in nets for v in net.non_trainable_variables]
 
     def _global_batch(self, features, embeddings, labels):
-        """Hook for distributed training: returns the global batch the losses must see (identity here)."""
-        return features, embeddings, labels
+        """The global batch the losses must see: all-gathered across replicas in the tuple layout (identity on one
+        device). See `hdml_tf.distribute.gather_tuples`."""
+        return tuple(distribute.gather_tuples((features, embeddings, labels), self.config.tuple_size))
 
     def compute_losses(self, images, labels, training: bool = True) -> Dict[str, tf.Tensor]:
         """All losses of one step as float32 scalars (keys as in HDML_LOG_KEYS, plus `was_pulled`)."""
@@ -228,12 +242,15 @@ class HDMLModel(keras.Model):
 
     def train_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if distribute.in_replica_of_strategy():
+            return self._distributed_train_step(images, labels)
         state = [tf.identity(v) for v in self._state_variables()] if self.config.skip_nonfinite else []
         with tf.GradientTape(persistent=True) as tape:
             out = self.compute_losses(images, labels, training=True)
             scaled = [opt.scale_loss(loss) for loss, opt, _ in self._routes(out)]
         grads = [tape.gradient(s, variables) for s, (_, _, variables) in zip(scaled, self._routes(out))]
         del tape
+        self._note_nonfinite(out, grads)
 
         losses = [out[k] for k in out if k != "was_pulled"]
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(l)) for l in losses])
@@ -265,6 +282,107 @@ class HDMLModel(keras.Model):
         else:
             apply()
         return self._log(out)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Under a strategy, Keras 3 pulls one batch and `strategy.reduce`s it to build the model symbolically;
+        that reduce fails under MultiWorkerMirroredStrategy (keras-team/keras#20585). The input signature is
+        known (images [B, S, S, 3] float32, labels [B] int32), so build from it instead of from a batch."""
+        if iterator is not None and getattr(self, "_distribute_strategy", None) is not None:
+            images = tf.TensorSpec((None,) + tuple(self.backbone.input_shape[1:]), tf.float32)
+            iterator, data_batch = None, (images, tf.TensorSpec((None,), tf.int32))
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _distributed_train_step(self, images, labels):
+        """`train_step` inside `strategy.run` (Mirrored / MultiWorkerMirrored).
+
+        Same losses (on the gathered global batch), routing and skip rule as on one device, with two changes:
+        each replica differentiates loss / R (the optimizer SUMS the replicas' gradients, see
+        `distribute.loss_scale_for_replicas`), and the update-or-skip decision is taken once for all replicas in
+        cross-replica context: a `tf.cond` around `optimizer.apply` cannot run in replica context (the gradient
+        all-reduce is a `merge_call`), so the non-finite flags are all-reduced (one small vector), then
+        `merge_call` → `tf.cond` → `call_for_each_replica(apply or restore)`. Keras' LossScaleOptimizer does
+        the same internally.
+        """
+        cfg = self.config
+        inverse_replicas = distribute.loss_scale_for_replicas()
+        state = [tf.identity(v) for v in self._state_variables()] if cfg.skip_nonfinite else []
+        with tf.GradientTape(persistent=True) as tape:
+            out = self.compute_losses(images, labels, training=True)
+            routes = self._routes(out)
+            scaled = [opt.scale_loss(loss * inverse_replicas) for loss, opt, _ in routes]
+        grads = [tape.gradient(s, variables) for s, (_, _, variables) in zip(scaled, routes)]
+        del tape
+        self._note_nonfinite(out, grads)
+
+        def all_finite(tensors):
+            return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None])
+
+        losses = [out[k] for k in out if k != "was_pulled"]
+        # bad[0]: a non-finite loss; bad[1 + i]: route i's gradient is non-finite -- on ANY replica.
+        bad = distribute.any_replica(tf.logical_not(tf.stack([all_finite(losses)] + [all_finite(g) for g in grads])))
+        skip = bad[0]
+        for i, (_, opt, _) in enumerate(routes):
+            if isinstance(opt, keras.optimizers.LossScaleOptimizer):
+                # The loss-scale optimizer judges the first replica's LOCAL gradients only: show it a NaN there
+                # when any replica overflowed, so it lowers the scale and skips instead of applying an Inf.
+                grads[i] = [g if g is None else tf.where(bad[1 + i], tf.constant(float("nan"), g.dtype), g)
+                            for g in grads[i]]
+            else:
+                skip = tf.logical_or(skip, bad[1 + i])
+        if not cfg.skip_nonfinite:
+            skip = tf.constant(False)
+        running = {"j_avg": out["j_avg_input"]}
+        if cfg.hdml:
+            running["j_gen"] = out["j_gen"]
+        optimizers_and_variables = [(opt, variables) for _, opt, variables in routes]
+
+        def apply(grads, running):  # replica context
+            for g, (opt, variables) in zip(grads, optimizers_and_variables):
+                opt.apply(g, variables)
+            self.j_avg.update(running["j_avg"])
+            if cfg.hdml:
+                self.j_gen_avg.update(running["j_gen"])
+
+        def restore(state):  # replica context
+            for v, saved in zip(self._state_variables(), state):
+                v.assign(saved)
+            self.skipped.assign_add(1.0)
+
+        def decide(strategy, skip, grads, running, state):  # cross-replica context
+            skip = strategy.experimental_local_results(skip)[0]  # the same on every replica
+
+            def do_apply():
+                strategy.extended.call_for_each_replica(apply, args=(grads, running))
+                return tf.constant(0.0)
+
+            def do_skip():
+                strategy.extended.call_for_each_replica(restore, args=(state,))
+                return tf.constant(1.0)
+            return tf.cond(skip, do_skip, do_apply)
+
+        tf.distribute.get_replica_context().merge_call(decide, args=(skip, grads, running, state))
+        logs = self._log(out)
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3 reduces multi-worker logs with strategy.reduce(MEAN, axis=0), which rejects scalars; the
+            # values are identical on every replica, so a [1] vector reduces to the same scalar.
+            logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
+
+    def _nonfinite_names(self):
+        """Names of the `nonfinite` flags: the losses of `compute_losses`, then the gradient of each route."""
+        losses = [k for k in (HDML_LOG_KEYS if self.config.hdml else BASELINE_LOG_KEYS)
+                  if k not in ("j_avg", "j_gen_avg", "skipped_steps")]
+        routes = ["grad(J_metric)", "grad(J_gen)", "grad(J_ce)"] if self.config.hdml else ["grad(J_metric)"]
+        return tuple(losses + routes)
+
+    def _note_nonfinite(self, out, grads):
+        """Records in `self.nonfinite` which losses / routes' gradients of this step are NaN or Inf."""
+        def bad(tensors):
+            return tf.logical_not(tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors
+                                                 if t is not None] or [tf.constant(True)]))
+        n_losses = len(self.nonfinite_names) - len(grads)
+        flags = [bad([out[k]]) for k in self.nonfinite_names[:n_losses]] + [bad(g) for g in grads]
+        self.nonfinite.assign(tf.cast(tf.stack(flags), tf.float32))
 
     def _log(self, out):
         for key, tracker in self._trackers.items():
@@ -301,3 +419,16 @@ class HDMLModel(keras.Model):
         backbone = keras.saving.deserialize_keras_object(config.pop("backbone"), custom_objects=custom_objects)
         hdml_config = HDMLConfig(**config.pop("config"))
         return cls(backbone=backbone, config=hdml_config, **config)
+
+    def get_compile_config(self):
+        """The three optimizers by name, so `keras.models.load_model` recompiles as `compile` was called."""
+        if not self.compiled:
+            return None
+        optimizers = {"metric_optimizer": self.optimizer, "generator_optimizer": self.generator_optimizer,
+                      "classifier_optimizer": self.classifier_optimizer}
+        return {name: keras.saving.serialize_keras_object(opt) for name, opt in optimizers.items()
+                if opt is not None}
+
+    def compile_from_config(self, config):
+        """Inverse of `get_compile_config`; Keras then loads the optimizers' variables from the file."""
+        self.compile(**{name: keras.saving.deserialize_keras_object(c) for name, c in config.items()})

@@ -60,6 +60,43 @@ def define_training_flags(defaults=None):
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_string("output_dir", "runs/default", "Where results, histories, plots and weights go.")
     flags.DEFINE_integer("verbose", 1, "Keras verbosity (1 progress bar, 2 one line per epoch, 0 silent).")
+    define_fault_tolerance_flags()
+    define_distribution_flags()
+
+
+def define_fault_tolerance_flags():
+    """Checkpoints / resume, determinism and the NaN guard (RunConfig's fields of the same names)."""
+    flags.DEFINE_string("checkpoint_dir", None, "Checkpoint directory; the same command run again resumes from "
+                        "its newest readable checkpoint (model, optimizers, running means, step, sampler).")
+    flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints (0: only at the end and on SIGTERM).")
+    flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints kept.")
+    flags.DEFINE_bool("deterministic", False, "Seeds + TensorFlow op determinism: equal runs, and interrupted-and-"
+                      "resumed runs, give equal weights (slower on GPU).")
+    flags.DEFINE_integer("max_bad_steps", 20, "Stop after this many consecutive steps with a NaN/Inf loss or "
+                         "gradient (each one is skipped); 0: never stop.")
+
+
+def fault_tolerance_options():
+    """RunConfig keyword arguments of the flags `define_fault_tolerance_flags` defines."""
+    return dict(checkpoint_dir=FLAGS.checkpoint_dir, checkpoint_every=FLAGS.checkpoint_every,
+                keep_checkpoints=FLAGS.keep_checkpoints, deterministic=FLAGS.deterministic,
+                max_bad_steps=FLAGS.max_bad_steps)
+
+
+def define_distribution_flags():
+    """Several devices / machines and mixed precision (RunConfig's `strategy` and `mixed_precision`)."""
+    flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                      "default: one device; mirrored: every GPU of this machine; multi_worker: every GPU of every "
+                      "machine in the TF_CONFIG environment variable (run the same command on each). --batch_size "
+                      "stays the global batch the losses see.")
+    flags.DEFINE_enum("mixed_precision", "float32", ["float32", "float16", "bfloat16"],
+                      "Compute precision of backbone and metric head (float16 with dynamic loss scaling); losses, "
+                      "generator and classifier stay float32.")
+
+
+def distribution_options():
+    """RunConfig keyword arguments of the flags `define_distribution_flags` defines."""
+    return dict(strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision)
 
 
 def _ints(values, name):
@@ -79,7 +116,8 @@ def configs_from_flags():
         resize=FLAGS.resize, weights=FLAGS.weights, caffe_lrn=FLAGS.caffe_lrn, batch_size=FLAGS.batch_size,
         steps=FLAGS.steps, steps_per_epoch=FLAGS.steps_per_epoch, eval_every_epochs=FLAGS.eval_every_epochs,
         eval_batch_size=FLAGS.eval_batch_size, recall_ks=_ints(FLAGS.recall_ks, "recall_ks"), seed=FLAGS.seed,
-        output_dir=FLAGS.output_dir, cache=FLAGS.cache, strict_images=FLAGS.strict_images, verbose=FLAGS.verbose)
+        output_dir=FLAGS.output_dir, cache=FLAGS.cache, strict_images=FLAGS.strict_images, verbose=FLAGS.verbose,
+        **fault_tolerance_options(), **distribution_options())
     hdml = HDMLConfig(
         loss=FLAGS.loss, embedding_size=FLAGS.embedding_size, hdml=FLAGS.hdml, alpha=FLAGS.alpha, beta=FLAGS.beta,
         gen_lambda=FLAGS.gen_lambda, softmax_factor=FLAGS.softmax_factor, npair_l2=FLAGS.npair_l2,
@@ -93,7 +131,11 @@ def configs_from_flags():
 
 
 def run_main(fn):
-    """Wraps a tool's main: a user error (HDMLError) prints one line and exits 2, without a traceback."""
+    """Wraps a tool's main: a user error (HDMLError) prints one line and exits 2, without a traceback.
+
+    Training stopped by SIGTERM after saving its checkpoint (hdml_tf.callbacks.TrainingInterrupted, which carries
+    an `exit_code`) prints `interrupted: ...` and exits 128 + the signal number (143).
+    """
     from hdml_tf.errors import HDMLError
 
     def main(argv):
@@ -102,6 +144,9 @@ def run_main(fn):
         try:
             return fn(argv)
         except HDMLError as e:
+            if getattr(e, "exit_code", None):
+                print(f"interrupted: {e}", file=sys.stderr)
+                sys.exit(e.exit_code)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     return main
