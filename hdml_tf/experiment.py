@@ -67,9 +67,9 @@ class RunConfig:
         skipped: no update); 0: never stop.
       strategy: "default" (one device), "mirrored" (every GPU of this machine) or "multi_worker" (every GPU of
         every machine listed in TF_CONFIG). batch_size stays the GLOBAL batch: losses and synthesis see all of it
-        (hdml_tf/distribute.py); it must hold a multiple of the replicas' count of tuples.
+        (hdml_tf/distribute.py); it must split evenly over the replicas.
       mixed_precision: "float32", "float16" (dynamic loss scaling on all three optimizers) or "bfloat16" compute
-        for backbone and metric head; losses, distances, synthesis, generator and classifier stay float32.
+        for the backbone; metric head, generator, classifier, losses, distances and synthesis stay float32.
     """
 
     dataset: str = "glyphs"
@@ -224,7 +224,7 @@ def distributed_train_dataset(model, run: RunConfig, hdml: HDMLConfig, train: Im
     batch a single device would (the plain dataset under the default strategy)."""
     from hdml_tf import distribute
     return distribute.distribute_dataset(model.distribute_strategy,
-                                         lambda: train_dataset(run, hdml, train, start_step=start_step), hdml.loss)
+                                         lambda: train_dataset(run, hdml, train, start_step=start_step))
 
 
 def _per_worker_output(run: RunConfig, strategy) -> RunConfig:

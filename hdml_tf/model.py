@@ -166,9 +166,9 @@ class HDMLModel(keras.Model):
         return [v for net in nets for v in net.non_trainable_variables]
 
     def _global_batch(self, features, embeddings, labels):
-        """The global batch the losses must see: all-gathered across replicas in the tuple layout (identity on one
-        device). See `hdml_tf.distribute.gather_tuples`."""
-        return tuple(distribute.gather_tuples((features, embeddings, labels), self.config.tuple_size))
+        """The global batch the losses must see: the replicas' slices all-gathered in replica order (identity on one
+        device). See `hdml_tf.distribute.gather_global_batch`."""
+        return tuple(distribute.gather_global_batch((features, embeddings, labels)))
 
     def compute_losses(self, images, labels, training: bool = True) -> Dict[str, tf.Tensor]:
         """All losses of one step as float32 scalars (keys as in HDML_LOG_KEYS, plus `was_pulled`)."""
@@ -361,12 +361,7 @@ class HDMLModel(keras.Model):
             return tf.cond(skip, do_skip, do_apply)
 
         tf.distribute.get_replica_context().merge_call(decide, args=(skip, grads, running, state))
-        logs = self._log(out)
-        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
-            # Keras 3 reduces multi-worker logs with strategy.reduce(MEAN, axis=0), which rejects scalars; the
-            # values are identical on every replica, so a [1] vector reduces to the same scalar.
-            logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
-        return logs
+        return distribute.reducible_logs(self._log(out))
 
     def _nonfinite_names(self):
         """Names of the `nonfinite` flags: the losses of `compute_losses`, then the gradient of each route."""
@@ -401,12 +396,14 @@ class HDMLModel(keras.Model):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
         z = tf.cast(self.metric_head(self.backbone(images, training=False), training=False), tf.float32)
+        z, labels = distribute.gather_global_batch((z, labels))  # J_m of the global batch under a strategy
         j_m = metric_loss(z, labels, self.config.loss, npair_l2=self.config.npair_l2,
                           triplet_margin=self.config.triplet_margin,
                           contrastive_margin=self.config.contrastive_margin)
         self._trackers["loss"].update_state(j_m)
         self._trackers["j_m"].update_state(j_m)
-        return {"loss": self._trackers["loss"].result(), "j_m": self._trackers["j_m"].result()}
+        return distribute.reducible_logs({"loss": self._trackers["loss"].result(),
+                                          "j_m": self._trackers["j_m"].result()})
 
     # ----------------------------------------------------------------------------------------------- saving
     def get_config(self):

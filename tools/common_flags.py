@@ -90,8 +90,8 @@ def define_distribution_flags():
                       "machine in the TF_CONFIG environment variable (run the same command on each). --batch_size "
                       "stays the global batch the losses see.")
     flags.DEFINE_enum("mixed_precision", "float32", ["float32", "float16", "bfloat16"],
-                      "Compute precision of backbone and metric head (float16 with dynamic loss scaling); losses, "
-                      "generator and classifier stay float32.")
+                      "Compute precision of the backbone (float16: dynamic loss scaling on all three optimizers); "
+                      "metric head, generator, classifier and losses stay float32.")
 
 
 def distribution_options():
