@@ -18,8 +18,15 @@ from absl import app  # noqa: E402
 
 import common_flags  # noqa: E402
 
-common_flags.define_training_flags(
-    {"dataset": "glyphs", "steps": 8000, "batch_size": 128, "steps_per_epoch": 500})
+# With no flags, the embedded demo (configs/demo.cfg spells the same values out); the paper's runs use the
+# flagfiles in configs/.
+DEMO_DEFAULTS = {
+    "dataset": "glyphs", "backbone": "inception_v1_slim", "image_size": 64, "embedding_size": 64,
+    "batch_size": 32, "steps": 600, "steps_per_epoch": 100, "learning_rate": 1e-3, "lr_decay_steps": ["450"],
+    "weight_decay": 0.0, "output_dir": "runs/demo"}
+common_flags.define_training_flags()
+for _name, _value in DEMO_DEFAULTS.items():
+    common_flags.FLAGS.set_default(_name, _value)
 
 
 @common_flags.run_main
