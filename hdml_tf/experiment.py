@@ -48,7 +48,15 @@ class RunConfig:
       batch_size: global batch in the tuple layout of the loss.
       steps: optimizer steps.
       steps_per_epoch: steps per Keras epoch (progress bar, logs, evaluation granularity).
-      eval_every_epochs: evaluate the test classes every k epochs (0: only at the end).
+      eval_every_epochs: evaluate every k epochs during training (0: only at the end) with
+        `hdml_tf.evaluation.EvaluationCallback`: the test classes, or the validation classes with
+        `validation_fraction`; `val_*` metrics in the Keras logs, eval_<variant>.csv and the best weights by
+        `monitor` (<variant>.best.weights.h5); the last and the selected checkpoint are both scored on the test classes.
+      validation_fraction: > 0 holds this share of the TRAINING classes out as a validation split for model
+        selection (`split_validation_classes`, the fair protocol); the test classes are then only scored at the
+        end. Needs eval_every_epochs > 0.
+      monitor: metric that selects the best checkpoint ("recall@1", "nmi", "map@r", ...; a "val_" prefix is
+        accepted); higher is better.
       eval_batch_size: rows per batch when embedding.
       recall_ks: K of Recall@K (empty: per data set default).
       seed: seeds sampling, augmentation and initialization.
@@ -84,6 +92,8 @@ class RunConfig:
     steps: int = 8000
     steps_per_epoch: int = 500
     eval_every_epochs: int = 0
+    validation_fraction: float = 0.0
+    monitor: str = "recall@1"
     eval_batch_size: int = 64
     recall_ks: Tuple[int, ...] = ()
     seed: int = 0
@@ -98,6 +108,7 @@ class RunConfig:
     max_bad_steps: int = 20
     strategy: str = "default"
     mixed_precision: str = "float32"
+    jit_compile: str = "auto"
 
     def __post_init__(self):
         from hdml_tf.backbones import BACKBONES
@@ -122,6 +133,7 @@ class RunConfig:
             raise ConfigError(f"recall_ks={self.recall_ks} must be positive")
         _check_fault_tolerance(self)
         _check_distribution(self)
+        _check_selection(self)
 
     @property
     def embedded(self) -> bool:
@@ -147,6 +159,24 @@ def _check_fault_tolerance(run: RunConfig) -> None:
     for name, low in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_bad_steps", 0)):
         if getattr(run, name) < low:
             raise ConfigError(f"{name}={getattr(run, name)} must be >= {low}")
+
+
+def _check_selection(run: RunConfig) -> None:
+    """Validates eval_every_epochs / validation_fraction / monitor."""
+    if run.eval_every_epochs < 0:
+        raise ConfigError(f"eval_every_epochs={run.eval_every_epochs} must be >= 0")
+    if not 0.0 <= run.validation_fraction < 1.0:
+        raise ConfigError(f"validation_fraction={run.validation_fraction} must lie in [0, 1)")
+    if run.validation_fraction > 0 and run.eval_every_epochs <= 0:
+        raise ConfigError(f"validation_fraction={run.validation_fraction} selects a checkpoint on the validation "
+                          "classes; it needs eval_every_epochs > 0")
+    choices = ["nmi", "f1", "map@r", "r_precision"] + [f"recall@{k}" for k in run.ks()]
+    if _monitor_key(run.monitor) not in choices:
+        raise ConfigError(f"monitor={run.monitor!r} is not computed; choose one of {', '.join(choices)}")
+
+
+def _monitor_key(monitor: str) -> str:
+    return monitor[len("val_"):] if monitor.startswith("val_") else monitor
 
 
 def _check_distribution(run: RunConfig) -> None:
@@ -208,8 +238,23 @@ def _build_model(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, num_class
                     "(--weights, see README 'ImageNet weights')", run.backbone)
     backbone = build_backbone(run.backbone, run.crop_size(), weights=run.weights, caffe_lrn=run.caffe_lrn)
     model = HDMLModel(backbone, num_classes, hdml)
-    model.compile(**distribute.loss_scale_optimizers(make_optimizers(optim, hdml=hdml.hdml), run.mixed_precision))
+    model.compile(**distribute.loss_scale_optimizers(make_optimizers(optim, hdml=hdml.hdml), run.mixed_precision),
+                  jit_compile=use_xla(run.jit_compile))
     return model
+
+
+def use_xla(jit_compile: str) -> bool:
+    """"true"/"false", or "auto": XLA on a GPU, off on a CPU.
+
+    tools/benchmark.py measured XLA at 0.65x (baseline) and 0.73x (HDML) the speed of plain graphs on the 2-core
+    CPU, after 6-10 minutes of compilation; on GPUs fusing the generator and head passes is expected to pay, but
+    that is not measured here (README, Benchmarks): run the benchmark and pass --jit_compile explicitly to be sure.
+    """
+    if jit_compile not in ("auto", "true", "false"):
+        raise ConfigError(f"jit_compile={jit_compile!r} must be auto, true or false")
+    if jit_compile == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return jit_compile == "true"
 
 
 def distribution_strategy(run: RunConfig) -> tf.distribute.Strategy:
@@ -311,6 +356,10 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
                  run.steps, manager.directory if manager else "-")
         return keras.callbacks.History()
     safety = fault_tolerance_callbacks(run, manager, initial_step)
+    from hdml_tf.evaluation.callback import EvaluationCallback
+    for cb in callbacks:
+        if isinstance(cb, EvaluationCallback) and cb.step < initial_step:
+            cb.step = cb._epoch_start_step = initial_step  # a resumed run counts evaluation steps globally
     epochs = -(-run.steps // run.steps_per_epoch)
     ds = distributed_train_dataset(model, run, hdml, train, start_step=initial_step)
     try:
@@ -367,7 +416,12 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
                    callbacks: Sequence = (), printer=print) -> Dict:
     """Trains HDML (and the plain baseline when asked) and scores raw pixels, the untrained and the trained network.
 
-    Writes into run.output_dir: results.json, history_<variant>.csv, curves_<variant>.png, <variant>.weights.h5.
+    Writes into run.output_dir: results.json, history_<variant>.csv, curves_<variant>.png, <variant>.weights.h5 and
+    <variant>.keras (the last weights; `hdml_tf.export.load_keras`, tools/export.py and tools/evaluate.py read it).
+    With `run.eval_every_epochs` > 0 also eval_<variant>.csv (one row per evaluation), eval_<variant>.json (best
+    and last), <variant>.best.weights.h5 (best by `run.monitor`) and TensorBoard scalars under logs/<variant>;
+    results["test"] then holds the last checkpoint as "<variant>" and the selected one as
+    "<variant> (best val_<monitor> at step N)", and results["selection"][<variant>] says how it was selected.
     Returns the results dict (also in results.json).
     """
     hdml.check_batch_size(run.batch_size)
@@ -382,6 +436,15 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     train, test = load_splits(run)
     printer(f"data: {run.dataset}: {len(train):,} training images of {train.num_classes} classes, "
             f"{len(test):,} test images of {test.num_classes} unseen classes; crop {run.crop_size()} px")
+    val = None
+    if run.validation_fraction > 0:
+        from hdml_tf.evaluation.callback import split_validation_classes
+        try:
+            train, val = split_validation_classes(train, run.validation_fraction, seed=run.seed)
+        except ValueError as e:
+            raise ConfigError(f"validation_fraction={run.validation_fraction}: {e}")
+        printer(f"model selection on {len(val):,} validation images of {val.num_classes} training classes held "
+                f"out (training on the other {train.num_classes})")
     printer(distribute.describe(strategy, run.batch_size, hdml.loss) + f"; {run.mixed_precision} compute")
     test_ds = eval_dataset(run, test)
     ks = run.ks()
@@ -396,18 +459,64 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
         if "untrained" not in results["test"]:
             results["test"]["untrained"] = evaluate_model(model, test_ds, ks)
         printer(f"training {name}: {cfg.loss} loss, {run.backbone}, batch {run.batch_size}, {run.steps} steps")
+        selector = _evaluation_callback(run, name, val if val is not None else test, out)
         start = time.time()
-        history = fit(model, run, cfg, train, callbacks)
+        history = fit(model, run, cfg, train, ([selector] if selector else []) + list(callbacks))
         seconds = time.time() - start
         results["test"][name] = evaluate_model(model, test_ds, ks)
         results.setdefault("train_seconds", {})[name] = round(seconds, 1)
         _write_history(history.history, out / f"history_{name}.csv")
         _plot_curves(out / f"history_{name}.csv", out / f"curves_{name}.png")
         model.save_weights(str(out / f"{name}.weights.h5"))
+        _save_keras(model, run, out / f"{name}.keras")
+        if selector is not None and selector.best is not None:
+            _score_selected(model, run, name, selector, test_ds, ks, results, out)
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=2, default=float)
-    printer(format_table(results["test"], ks))
+    rows = dict(results["test"])
+    for name, selection in results.get("selection", {}).items():  # the last checkpoint is named as such
+        rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
+    printer(format_table(rows, ks))
     return results
+
+
+def _evaluation_callback(run: RunConfig, name: str, image_set: ImageSet, out: Path):
+    """EvaluationCallback on `image_set` every `run.eval_every_epochs` epochs (None when 0)."""
+    if run.eval_every_epochs <= 0:
+        return None
+    from hdml_tf.evaluation.callback import EvaluationCallback
+    ks = _fitting_ks(run.ks(), image_set.labels)
+    monitor = _monitor_key(run.monitor)
+    if monitor.startswith("recall@") and int(monitor.split("@")[1]) not in ks:
+        raise ConfigError(f"monitor={run.monitor!r}: the evaluation split {image_set.name} has only {len(image_set)} "
+                          f"images; Recall@K needs K < that")
+    return EvaluationCallback(
+        eval_dataset(run, image_set), every_n_epochs=run.eval_every_epochs, monitor=monitor, recall_ks=ks,
+        seed=run.seed, best_weights_path=str(out / f"{name}.best.weights.h5"), csv_path=str(out / f"eval_{name}.csv"),
+        log_dir=str(out / "logs" / name), summary_path=str(out / f"eval_{name}.json"), verbose=int(run.verbose > 0))
+
+
+def _save_keras(model, run: RunConfig, path: Path) -> None:
+    from hdml_tf.export import save_keras
+    save_keras(model, str(path), image_size=run.crop_size(), resize=run.augment().resize, backbone=run.backbone)
+
+
+def _score_selected(model, run: RunConfig, name: str, selector, test_ds, ks, results: Dict, out: Path) -> None:
+    """Scores the checkpoint `selector` selected on the test classes (the model keeps the last weights)."""
+    best, last = selector.best, selector.last
+    monitor = selector.prefix + selector.monitor
+    row = f"{name} (best {monitor} at step {best['step']})"
+    if best["step"] == last["step"]:
+        results["test"][row] = dict(results["test"][name])  # the last checkpoint is the selected one
+    else:
+        model.load_weights(selector.best_weights_path)
+        results["test"][row] = evaluate_model(model, test_ds, ks)
+        model.load_weights(str(out / f"{name}.weights.h5"))
+    results.setdefault("selection", {})[name] = {
+        "monitor": monitor, "on": "validation" if run.validation_fraction > 0 else "test",
+        "best_step": best["step"], "last_step": last["step"], "row": row,
+        "best_weights": f"{name}.best.weights.h5", "csv": f"eval_{name}.csv",
+        "best": selector._metric_part(best), "last": selector._metric_part(last)}
 
 
 def _write_history(history: Dict[str, List[float]], path: Path) -> None:

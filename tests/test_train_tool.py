@@ -53,3 +53,15 @@ def test_short_glyph_fit_beats_raw_pixels_and_untrained_network(tmp_path):
     assert trained["recall@1"] > untrained["recall@1"] + 0.10, results
     assert trained["nmi"] > max(raw["nmi"], untrained["nmi"]), results
     assert (tmp_path / "curves_hdml.png").stat().st_size > 1000
+
+
+def test_xla_default_follows_the_measurement():
+    """auto: XLA off on a CPU (measured slower there), on where a GPU is present; explicit values win."""
+    import tensorflow as tf
+
+    from hdml_tf.config import ConfigError
+    from hdml_tf.experiment import use_xla
+    assert use_xla("auto") == bool(tf.config.list_physical_devices("GPU"))
+    assert use_xla("true") is True and use_xla("false") is False
+    with pytest.raises(ConfigError, match="jit_compile='maybe' must be auto, true or false"):
+        use_xla("maybe")

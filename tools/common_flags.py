@@ -54,7 +54,14 @@ def define_training_flags(defaults=None):
     flags.DEFINE_integer("batch_size", d["batch_size"], "Global batch size in the loss's tuple layout.")
     flags.DEFINE_integer("steps", d["steps"], "Training steps.")
     flags.DEFINE_integer("steps_per_epoch", d["steps_per_epoch"], "Steps per Keras epoch (logging granularity).")
-    flags.DEFINE_integer("eval_every_epochs", 0, "Evaluate the test classes every k epochs (0: at the end).")
+    flags.DEFINE_integer("eval_every_epochs", 0, "Evaluate every k epochs during training (0: only at the end): the "
+                         "test classes, or the validation classes with --validation_fraction; keeps the best "
+                         "checkpoint by --monitor and reports it next to the last one.")
+    flags.DEFINE_float("validation_fraction", 0.0, "Hold out this share of the TRAINING classes for model selection "
+                       "(the fair protocol; the test classes are then only scored at the end). Needs "
+                       "--eval_every_epochs.")
+    flags.DEFINE_string("monitor", "recall@1", "Metric selecting the best checkpoint (recall@K, nmi, f1, map@r, "
+                        "r_precision; higher is better).")
     flags.DEFINE_integer("eval_batch_size", 64, "Batch size when embedding for evaluation.")
     flags.DEFINE_list("recall_ks", [], "K of Recall@K (default per data set).")
     flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -89,6 +96,8 @@ def define_distribution_flags():
                       "default: one device; mirrored: every GPU of this machine; multi_worker: every GPU of every "
                       "machine in the TF_CONFIG environment variable (run the same command on each). --batch_size "
                       "stays the global batch the losses see.")
+    flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
+                      "XLA-compile the train step; auto = on with a GPU, off on a CPU (where it measured slower).")
     flags.DEFINE_enum("mixed_precision", "float32", ["float32", "float16", "bfloat16"],
                       "Compute precision of the backbone (float16: dynamic loss scaling on all three optimizers); "
                       "metric head, generator, classifier and losses stay float32.")
@@ -96,7 +105,7 @@ def define_distribution_flags():
 
 def distribution_options():
     """RunConfig keyword arguments of the flags `define_distribution_flags` defines."""
-    return dict(strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision)
+    return dict(strategy=FLAGS.strategy, mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile)
 
 
 def _ints(values, name):
@@ -115,6 +124,7 @@ def configs_from_flags():
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, backbone=FLAGS.backbone, image_size=FLAGS.image_size,
         resize=FLAGS.resize, weights=FLAGS.weights, caffe_lrn=FLAGS.caffe_lrn, batch_size=FLAGS.batch_size,
         steps=FLAGS.steps, steps_per_epoch=FLAGS.steps_per_epoch, eval_every_epochs=FLAGS.eval_every_epochs,
+        validation_fraction=FLAGS.validation_fraction, monitor=FLAGS.monitor,
         eval_batch_size=FLAGS.eval_batch_size, recall_ks=_ints(FLAGS.recall_ks, "recall_ks"), seed=FLAGS.seed,
         output_dir=FLAGS.output_dir, cache=FLAGS.cache, strict_images=FLAGS.strict_images, verbose=FLAGS.verbose,
         **fault_tolerance_options(), **distribution_options())
