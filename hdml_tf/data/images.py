@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -195,8 +196,9 @@ def _reason(path: str) -> str:
         return "not an image (unknown format)"
     try:
         decode_rgb(tf.io.read_file(path))
-    except tf.errors.OpError as e:  # the decoder's own words, first line only
-        return f"truncated or corrupt {kind} ({e.message.splitlines()[0].strip()[:80]})"
+    except tf.errors.OpError as e:  # the decoder's own words, first line only, without TF's graph-node prefix
+        words = re.sub(r"\{\{function_node [^}]*\}\}", "", e.message.splitlines()[0]).strip()
+        return f"truncated or corrupt {kind} ({words[:80]})"
     return f"decoded on retry ({kind}); flaky storage?"
 
 
