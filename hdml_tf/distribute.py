@@ -67,7 +67,7 @@ def make_strategy(name: str = "default", devices: Optional[Sequence[str]] = None
     tf_config = os.environ.get("TF_CONFIG")
     if not tf_config:
         raise ConfigError("strategy=multi_worker needs the TF_CONFIG environment variable (cluster and task, see "
-                          "docs/DISTRIBUTED.md)")
+                          "README, Several GPUs and several machines)")
     try:
         spec = json.loads(tf_config)
         workers = spec["cluster"].get("worker", []) + spec["cluster"].get("chief", [])
