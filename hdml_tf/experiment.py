@@ -474,7 +474,7 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=2, default=float)
     rows = dict(results["test"])
-    for name, selection in results.get("selection", {}).items():  # the last checkpoint is named as such
+    for name in results.get("selection", {}):  # the last checkpoint is named as such
         rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
     printer(format_table(rows, ks))
     return results
