@@ -140,6 +140,18 @@ def configs_from_flags():
     return run, hdml, optim
 
 
+def parse_flags(argv):
+    """absl's parser, but a bad flag is one `error:` line and exit code 2 like every other user error.
+
+    Pass as `app.run(main, flags_parser=common_flags.parse_flags)`.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_main(fn):
     """Wraps a tool's main: a user error (HDMLError) prints one line and exits 2, without a traceback.
 

@@ -280,16 +280,7 @@ def main(argv):
     return 0
 
 
-def _parse_flags(argv):
-    """absl's parser, but a bad flag is one `error:` line and exit code 2 like every other user error."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
     import common_flags
     define_flags()
-    app.run(common_flags.run_main(main), flags_parser=_parse_flags)
+    app.run(common_flags.run_main(main), flags_parser=common_flags.parse_flags)

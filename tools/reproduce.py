@@ -114,4 +114,4 @@ def _json_default(value):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common_flags.parse_flags)
