@@ -255,18 +255,19 @@ def synchronize_batch_norm(*models) -> int:
     """
     count = 0
     for model in models:
-        for layer in _layers_recursive(model):
+        for layer in layers_recursive(model):
             if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized:
                 layer.synchronized = True
                 count += 1
     return count
 
 
-def _layers_recursive(layer) -> List[keras.layers.Layer]:
+def layers_recursive(layer) -> List[keras.layers.Layer]:
+    """Every layer inside `layer` (nested models included), depth first."""
     found = []
     for sub in getattr(layer, "layers", []) or []:
         found.append(sub)
-        found.extend(_layers_recursive(sub))
+        found.extend(layers_recursive(sub))
     return found
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig

@@ -19,7 +19,7 @@ already-weighted J_m back) and J_gen are model variables, read before and update
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import keras
 import tensorflow as tf
@@ -52,19 +52,11 @@ def make_optimizers(optim: OptimConfig = OptimConfig(), hdml: bool = True) -> Di
     return optimizers
 
 
-def _layers_recursive(layer) -> List[keras.layers.Layer]:
-    found = []
-    for sub in getattr(layer, "layers", []) or []:
-        found.append(sub)
-        found.extend(_layers_recursive(sub))
-    return found
-
-
 def weight_decay_variables(*models) -> List[keras.Variable]:
     """Kernels and biases of every non-BatchNorm layer (official `exclude_batch_norm`: no BN, no generator)."""
     chosen, seen = [], set()
     for model in models:
-        for layer in _layers_recursive(model):
+        for layer in distribute.layers_recursive(model):
             if isinstance(layer, keras.layers.BatchNormalization) or getattr(layer, "layers", None):
                 continue
             for v in layer.trainable_weights:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import logging
 import os
 import sys
 
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 
+from embed import quiet_tensorflow  # noqa: E402
 from hdml_tf.errors import HDMLError  # noqa: E402
 
 VARIANTS = ("auto", "hdml", "baseline")
@@ -223,13 +223,6 @@ def main(argv):
     print("\n".join(export(FLAGS.checkpoint, FLAGS.output, FLAGS.image_size, FLAGS.resize, FLAGS.backbone,
                            FLAGS.embedding_size, FLAGS.variant, FLAGS.overwrite, FLAGS.verify)))
     return 0
-
-
-def quiet_tensorflow():
-    """No INFO chatter from TensorFlow's SavedModel writer / loader (warnings and errors still show)."""
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":
