@@ -10,6 +10,18 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_tool(name):
+    """tools/<name>.py as a module (tools define their flags only when run as programs)."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location(f"hdml_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in a tool look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_dir():

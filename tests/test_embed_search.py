@@ -5,7 +5,6 @@ all of different sizes) embedded by a fixed (untrained, seeded) tiny network: im
 noise, classes by their colour, so the nearest neighbour of every image is one of its own class. Plus a text file,
 a truncated JPEG and an empty file that must be skipped and listed.
 """
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_backbone
+from conftest import load_tool, tiny_backbone
 from hdml_tf import export
 from hdml_tf.config import HDMLConfig
 from hdml_tf.errors import HDMLError
@@ -25,14 +24,6 @@ SIZE, RESIZE, EMB = 16, 20, 8
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COLORS = {"red": (200, 40, 30), "blue": (30, 50, 210), "gray": (120, 120, 120)}
 BAD = ("blue/broken.jpg", "gray/empty.png", "red/notes.txt")
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"hdml_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in the tool look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _image(rng, color, shape, channels=3):
@@ -86,7 +77,7 @@ def models(tmp_path_factory):
 def index(folder, models, tmp_path_factory):
     root, _ = folder
     out = tmp_path_factory.mktemp("index") / "photos.npz"
-    index, report, path = _tool("embed").embed_folder(models[1], str(root), str(out), batch_size=4, verbose=0)
+    index, report, path = load_tool("embed").embed_folder(models[1], str(root), str(out), batch_size=4, verbose=0)
     return index, report, path
 
 
@@ -118,7 +109,7 @@ def test_embed_folder_index_contents(index, folder, models):
 
 def test_keras_file_gives_the_same_index(index, folder, models, tmp_path):
     root, _ = folder
-    idx, _, _ = _tool("embed").embed_folder(models[2], str(root), str(tmp_path / "k.npz"), verbose=0)
+    idx, _, _ = load_tool("embed").embed_folder(models[2], str(root), str(tmp_path / "k.npz"), verbose=0)
     assert idx.paths == index[0].paths
     np.testing.assert_allclose(idx.embeddings, index[0].embeddings, atol=1e-5)
 
@@ -126,7 +117,7 @@ def test_keras_file_gives_the_same_index(index, folder, models, tmp_path):
 def test_search_finds_the_known_neighbours(index, folder, models, tmp_path):
     idx, _, path = index
     root, query = folder
-    search = _tool("search")
+    search = load_tool("search")
     queries = [str(root / p) for p in idx.paths]
     results, skipped, _ = search.search(path, queries + [str(query)], k=2)  # the model recorded in the index
     assert not skipped and len(results) == 9
@@ -153,7 +144,7 @@ def test_search_finds_the_known_neighbours(index, folder, models, tmp_path):
 def test_bad_queries_and_errors(index, folder, models, tmp_path):
     idx, _, path = index
     root, _ = folder
-    search = _tool("search")
+    search = load_tool("search")
     results, skipped, _ = search.search(path, [str(root / "red" / "a.png"), str(root / "red" / "notes.txt")], k=1)
     assert len(results) == 1 and len(skipped) == 1 and "notes.txt" in skipped[0]
     with pytest.raises(HDMLError, match="none of the 1 query files"):
@@ -162,7 +153,7 @@ def test_bad_queries_and_errors(index, folder, models, tmp_path):
         search.search(path, [str(tmp_path / "absent.jpg")])
     with pytest.raises(HDMLError, match="index file .* not found"):
         search.search(str(tmp_path / "absent.npz"), [str(root / "red" / "a.png")])
-    embed = _tool("embed")
+    embed = load_tool("embed")
     (tmp_path / "empty").mkdir()
     with pytest.raises(HDMLError, match="is empty"):
         embed.embed_folder(models[1], str(tmp_path / "empty"), str(tmp_path / "e.npz"))

@@ -6,7 +6,6 @@ must agree to 1e-5 absolute (measured: at most 6e-8 on x86-64 CPU, one float32 r
 JPEG decoding is TensorFlow's decoder on both sides.
 """
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_backbone
+from conftest import load_tool, tiny_backbone
 from hdml_tf import export
 from hdml_tf.config import HDMLConfig
 from hdml_tf.data.image_set import ImageSet
@@ -268,14 +267,6 @@ def test_keras_uncompiled_baseline_and_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ tools/export.py
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"hdml_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in the tool look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_export_tool_from_training_run_dir(trained, tmp_path, monkeypatch):
     """A run directory as tools/train.py writes it (results.json + hdml.weights.h5); the backbone is faked tiny."""
     import hdml_tf.backbones as backbones
@@ -296,7 +287,7 @@ def test_export_tool_from_training_run_dir(trained, tmp_path, monkeypatch):
     (run_dir / "results.json").write_text(json.dumps({
         "run": {"dataset": "glyphs", "backbone": "inception_v1_slim", "image_size": size, "resize": 36},
         "method": dataclasses.asdict(cfg)}))
-    tool = _tool("export")
+    tool = load_tool("export")
     lines = tool.export(str(run_dir), str(tmp_path / "saved"))
     assert any("max |diff|" in line for line in lines)
     info = export.read_export_info(str(tmp_path / "saved"))

@@ -4,7 +4,6 @@ The name and shape tables below are transcribed independently of hdml_tf (from T
 official HDML lib/GoogleNet_Model.py), and the reference forward passes are plain tf.nn ops over the same arrays,
 following the official code's order of operations.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import scipy.io
 import tensorflow as tf
 
+from conftest import load_tool
 from hdml_tf.backbones import build_backbone, detect_format, load_backbone_weights
 from hdml_tf.errors import WeightsError
 
@@ -302,19 +302,11 @@ def test_detect_format(slim_file, caffe_file, tmp_path):
         detect_format(caffe_file[0], format="onnx")
 
 
-def load_tool():
-    """tools/convert_weights.py as a module (it defines its flags only when run as a program)."""
-    spec = importlib.util.spec_from_file_location("convert_weights", os.path.join(REPO, "tools", "convert_weights.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_convert_weights_round_trip(caffe_file, images, tmp_path):
     """The tool turns the .mat into a .weights.h5 that loads by auto-detection and computes the same features."""
     path, _ = caffe_file
     out = str(tmp_path / "googlenet.weights.h5")
-    summary = "\n".join(load_tool().convert(path, out, image_size=SIZE))
+    summary = "\n".join(load_tool("convert_weights").convert(path, out, image_size=SIZE))
     assert "backbone: inception_v1_caffe" in summary and "114 variables" in summary
     assert "identical after reload" in summary
 
