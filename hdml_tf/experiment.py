@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig
 from hdml_tf.data.image_set import ImageSet
+from hdml_tf.evaluation.metrics import format_results
 
 log = logging.getLogger(__name__)
 
@@ -475,7 +476,7 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     rows = dict(results["test"])
     for name in results.get("selection", {}):  # the last checkpoint is named as such
         rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
-    printer(format_table(rows, ks))
+    printer(format_results(rows))
     return results
 
 
@@ -535,14 +536,3 @@ def _plot_curves(csv_path: Path, png_path: Path) -> None:
     plot_training_curves(str(csv_path), str(png_path))
 
 
-def format_table(rows: Dict[str, Dict[str, float]], ks: Sequence[int]) -> str:
-    """Paper-style table: one row per embedding, NMI / F1 / Recall@K / MAP@R in percent."""
-    columns = ["nmi", "f1"] + [f"recall@{k}" for k in ks] + ["map@r"]
-    present = [c for c in columns if any(c in r for r in rows.values())]
-    width = max(len(n) for n in rows) + 2
-    head = "".ljust(width) + "".join(c.upper().replace("RECALL@", "R@").rjust(9) for c in present)
-    lines = [head, "-" * len(head)]
-    for name, metrics in rows.items():
-        cells = "".join((f"{100 * metrics[c]:.1f}" if c in metrics else "-").rjust(9) for c in present)
-        lines.append(name.ljust(width) + cells)
-    return "\n".join(lines)
