@@ -239,40 +239,18 @@ class HDMLModel(keras.Model):
         state = [tf.identity(v) for v in self._state_variables()] if self.config.skip_nonfinite else []
         with tf.GradientTape(persistent=True) as tape:
             out = self.compute_losses(images, labels, training=True)
-            scaled = [opt.scale_loss(loss) for loss, opt, _ in self._routes(out)]
-        grads = [tape.gradient(s, variables) for s, (_, _, variables) in zip(scaled, self._routes(out))]
+            routes = self._routes(out)
+            scaled = [opt.scale_loss(loss) for loss, opt, _ in routes]
+        grads = [tape.gradient(s, variables) for s, (_, _, variables) in zip(scaled, routes)]
         del tape
-        self._note_nonfinite(out, grads)
-
-        losses = [out[k] for k in out if k != "was_pulled"]
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(l)) for l in losses])
-        if not self.config.skip_nonfinite:
-            finite = tf.constant(True)
-        # With loss scaling, non-finite gradients are the optimizer's business (it lowers the scale and skips);
-        # otherwise a non-finite gradient is as bad as a non-finite loss.
-        for g, (_, opt, _) in zip(grads, self._routes(out)):
-            if self.config.skip_nonfinite and not isinstance(opt, keras.optimizers.LossScaleOptimizer):
-                finite = tf.logical_and(finite, tf.reduce_all(
-                    [tf.reduce_all(tf.math.is_finite(x)) for x in g if x is not None]))
-
-        def apply():
-            for g, (_, opt, variables) in zip(grads, self._routes(out)):
-                opt.apply(g, variables)
-            self.j_avg.update(out["j_avg_input"])
-            if self.config.hdml:
-                self.j_gen_avg.update(out["j_gen"])
-            return tf.constant(0.0)
-
-        def skip():
-            for v, saved in zip(self._state_variables(), state):
-                v.assign(saved)
-            self.skipped.assign_add(1.0)
-            return tf.constant(1.0)
-
+        skip = self._skip_decision(self._nonfinite_flags(out, grads), routes)
+        optimizers_and_variables = [(opt, variables) for _, opt, variables in routes]
+        running = self._running_inputs(out)
         if self.config.skip_nonfinite:
-            tf.cond(finite, apply, skip)
+            tf.cond(skip, lambda: self._restore_state(state),
+                    lambda: self._apply_updates(grads, optimizers_and_variables, running))
         else:
-            apply()
+            self._apply_updates(grads, optimizers_and_variables, running)
         return self._log(out)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -295,50 +273,32 @@ class HDMLModel(keras.Model):
         `merge_call` → `tf.cond` → `call_for_each_replica(apply or restore)`. Keras' LossScaleOptimizer does
         the same internally.
         """
-        cfg = self.config
         inverse_replicas = distribute.loss_scale_for_replicas()
-        state = [tf.identity(v) for v in self._state_variables()] if cfg.skip_nonfinite else []
+        state = [tf.identity(v) for v in self._state_variables()] if self.config.skip_nonfinite else []
         with tf.GradientTape(persistent=True) as tape:
             out = self.compute_losses(images, labels, training=True)
             routes = self._routes(out)
             scaled = [opt.scale_loss(loss * inverse_replicas) for loss, opt, _ in routes]
         grads = [tape.gradient(s, variables) for s, (_, _, variables) in zip(scaled, routes)]
         del tape
-        self._note_nonfinite(out, grads)
-
-        def all_finite(tensors):
-            return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None])
-
-        losses = [out[k] for k in out if k != "was_pulled"]
-        # bad[0]: a non-finite loss; bad[1 + i]: route i's gradient is non-finite -- on ANY replica.
-        bad = distribute.any_replica(tf.logical_not(tf.stack([all_finite(losses)] + [all_finite(g) for g in grads])))
-        skip = bad[0]
+        # Flags of ANY replica: a non-finite loss or gradient anywhere skips the step everywhere.
+        bad = distribute.any_replica(self._nonfinite_flags(out, grads))
+        n_losses = len(self.nonfinite_names) - len(grads)
         for i, (_, opt, _) in enumerate(routes):
             if isinstance(opt, keras.optimizers.LossScaleOptimizer):
                 # The loss-scale optimizer judges the first replica's LOCAL gradients only: show it a NaN there
                 # when any replica overflowed, so it lowers the scale and skips instead of applying an Inf.
-                grads[i] = [g if g is None else tf.where(bad[1 + i], tf.constant(float("nan"), g.dtype), g)
+                grads[i] = [g if g is None else tf.where(bad[n_losses + i], tf.constant(float("nan"), g.dtype), g)
                             for g in grads[i]]
-            else:
-                skip = tf.logical_or(skip, bad[1 + i])
-        if not cfg.skip_nonfinite:
-            skip = tf.constant(False)
-        running = {"j_avg": out["j_avg_input"]}
-        if cfg.hdml:
-            running["j_gen"] = out["j_gen"]
+        skip = self._skip_decision(bad, routes)
+        running = self._running_inputs(out)
         optimizers_and_variables = [(opt, variables) for _, opt, variables in routes]
 
         def apply(grads, running):  # replica context
-            for g, (opt, variables) in zip(grads, optimizers_and_variables):
-                opt.apply(g, variables)
-            self.j_avg.update(running["j_avg"])
-            if cfg.hdml:
-                self.j_gen_avg.update(running["j_gen"])
+            self._apply_updates(grads, optimizers_and_variables, running)
 
         def restore(state):  # replica context
-            for v, saved in zip(self._state_variables(), state):
-                v.assign(saved)
-            self.skipped.assign_add(1.0)
+            self._restore_state(state)
 
         def decide(strategy, skip, grads, running, state):  # cross-replica context
             skip = strategy.experimental_local_results(skip)[0]  # the same on every replica
@@ -362,14 +322,52 @@ class HDMLModel(keras.Model):
         routes = ["grad(J_metric)", "grad(J_gen)", "grad(J_ce)"] if self.config.hdml else ["grad(J_metric)"]
         return tuple(losses + routes)
 
-    def _note_nonfinite(self, out, grads):
-        """Records in `self.nonfinite` which losses / routes' gradients of this step are NaN or Inf."""
+    def _nonfinite_flags(self, out, grads) -> tf.Tensor:
+        """bool [len(nonfinite_names)]: which losses and which routes' gradients of this step are NaN or Inf.
+
+        Also recorded in `self.nonfinite` for the NaN guard's log line (this replica's flags)."""
         def bad(tensors):
             return tf.logical_not(tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors
                                                  if t is not None] or [tf.constant(True)]))
         n_losses = len(self.nonfinite_names) - len(grads)
-        flags = [bad([out[k]]) for k in self.nonfinite_names[:n_losses]] + [bad(g) for g in grads]
-        self.nonfinite.assign(tf.cast(tf.stack(flags), tf.float32))
+        flags = tf.stack([bad([out[k]]) for k in self.nonfinite_names[:n_losses]] + [bad(g) for g in grads])
+        self.nonfinite.assign(tf.cast(flags, tf.float32))
+        return flags
+
+    def _skip_decision(self, flags, routes) -> tf.Tensor:
+        """True when the step must not be applied: a non-finite loss, or a non-finite gradient of a route whose
+        optimizer does not scale losses (a LossScaleOptimizer lowers its scale and skips by itself)."""
+        if not self.config.skip_nonfinite:
+            return tf.constant(False)
+        n_losses = len(self.nonfinite_names) - len(routes)
+        skip = tf.reduce_any(flags[:n_losses])
+        for i, (_, opt, _) in enumerate(routes):
+            if not isinstance(opt, keras.optimizers.LossScaleOptimizer):
+                skip = tf.logical_or(skip, flags[n_losses + i])
+        return skip
+
+    def _running_inputs(self, out):
+        """This step's contributions to the running means (read by the next steps)."""
+        running = {"j_avg": out["j_avg_input"]}
+        if self.config.hdml:
+            running["j_gen"] = out["j_gen"]
+        return running
+
+    def _apply_updates(self, grads, optimizers_and_variables, running):
+        """Applies each route's gradients with its optimizer and advances the running means."""
+        for g, (opt, variables) in zip(grads, optimizers_and_variables):
+            opt.apply(g, variables)
+        self.j_avg.update(running["j_avg"])
+        if self.config.hdml:
+            self.j_gen_avg.update(running["j_gen"])
+        return tf.constant(0.0)
+
+    def _restore_state(self, state):
+        """Undoes the forward pass's BatchNorm statistics updates of a skipped step and counts it."""
+        for v, saved in zip(self._state_variables(), state):
+            v.assign(saved)
+        self.skipped.assign_add(1.0)
+        return tf.constant(1.0)
 
     def _log(self, out):
         for key, tracker in self._trackers.items():
