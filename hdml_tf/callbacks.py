@@ -201,9 +201,8 @@ class NonFiniteGuard(_StepCallback):
 
     def bad_quantities(self):
         """Names of the losses / gradient routes that were NaN or Inf in the last step."""
-        names = getattr(self.model, "nonfinite_names", ())
-        flags = np.asarray(keras.ops.convert_to_numpy(self.model.nonfinite)) if names else []
-        return [n for n, f in zip(names, flags) if f > 0]
+        report = getattr(self.model, "nonfinite_report", None)
+        return report() if report is not None else []
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)

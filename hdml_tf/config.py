@@ -9,13 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
-from hdml_tf.errors import HDMLError
+from hdml_tf.errors import ConfigError
 
-LOSSES = ("npair", "triplet", "contrastive")
-
-
-class ConfigError(HDMLError, ValueError):
-    """A configuration value is invalid; the message is one line meant for the user."""
+__all__ = ["ConfigError", "HDMLConfig", "OptimConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,9 +19,8 @@ class HDMLConfig:
     """Hyper-parameters of the method (what the model computes, not how long it trains).
 
     Attributes:
-      loss: metric loss J_m: "npair" (batch = N anchors then their N positives), "triplet"
-        (batch = B/3 anchors, B/3 positives, B/3 negatives) or "contrastive" (batch = B/4
-        positive-pair left sides, B/4 right sides, B/4 negative-pair left, B/4 right).
+      loss: metric loss J_m and with it the batch's tuple layout: a name of `hdml_tf.layouts` ("npair",
+        "triplet", "contrastive", or one registered there).
       embedding_size: size of z (official: 128 Cars196, 256 CUB-200).
       hdml: False gives the plain baseline (same backbone, loss, data and schedule).
       alpha: α of the hardness-aware augmentation, e^(−α/J_avg) (paper eq. 8; official 90).
@@ -61,8 +56,7 @@ class HDMLConfig:
     skip_nonfinite: bool = True
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss={self.loss!r} is unknown; expected one of {', '.join(LOSSES)}")
+        self.layout()  # raises ConfigError for an unknown loss
         _positive("embedding_size", self.embedding_size)
         _positive("alpha", self.alpha)
         _positive("beta", self.beta)
@@ -76,18 +70,10 @@ class HDMLConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
 
-    @property
-    def tuple_size(self) -> int:
-        """Rows per tuple of the batch layout: 2 (N-pair), 3 (triplet), 4 (contrastive)."""
-        return {"npair": 2, "triplet": 3, "contrastive": 4}[self.loss]
-
-    def check_batch_size(self, batch_size: int) -> None:
-        """Raises ConfigError unless `batch_size` fits the loss's tuple layout."""
-        k = self.tuple_size
-        if batch_size <= 0 or batch_size % k or batch_size // k < 2:
-            raise ConfigError(
-                f"batch_size={batch_size} does not fit the {self.loss} layout: expected a multiple of "
-                f"{k} with at least 2 tuples (e.g. {4 * k})")
+    def layout(self):
+        """The `hdml_tf.layouts.Layout` of `loss` with this config's hyper-parameters (margins, N-pair L2)."""
+        from hdml_tf import layouts
+        return layouts.get(self.loss, self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,13 +34,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hdml_tf.config import ConfigError
+from hdml_tf import layouts
+from hdml_tf.errors import ConfigError
 
 #: Names accepted by `make_strategy` (and the tools' --strategy flag).
 STRATEGIES = ("default", "mirrored", "multi_worker")
 #: Names accepted by `set_mixed_precision` (and the tools' --mixed_precision flag).
 PRECISIONS = ("float32", "float16", "bfloat16")
-_TUPLE_SIZE = {"npair": 2, "triplet": 3, "contrastive": 4}
 
 
 # ------------------------------------------------------------------------------------------------ strategy
@@ -119,7 +119,8 @@ def check_global_batch(strategy: tf.distribute.Strategy, batch_size: int, loss: 
     """Per-replica batch size of a global batch; raises ConfigError unless it splits evenly over the replicas."""
     replicas = strategy.num_replicas_in_sync
     if batch_size % replicas:
-        k, step = _TUPLE_SIZE[loss], math.lcm(_TUPLE_SIZE[loss], replicas)
+        k = layouts.get(loss).size
+        step = math.lcm(k, replicas)
         fits = max(step * (batch_size // step), step * -(-2 * k // step))  # whole tuples, >= 2 of them
         raise ConfigError(f"batch_size={batch_size} does not split evenly over {replicas} replicas "
                           f"(e.g. batch_size={fits})")
@@ -130,7 +131,7 @@ def describe(strategy: tf.distribute.Strategy, batch_size: int, loss: str) -> st
     """One line for the start of a run: strategy, replicas, per-replica and global batch sizes."""
     replicas = strategy.num_replicas_in_sync
     per_replica = check_global_batch(strategy, batch_size, loss)
-    k = _TUPLE_SIZE[loss]
+    k = layouts.get(loss).size
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         kind = f"MultiWorkerMirroredStrategy over {num_workers(strategy)} workers"
     elif isinstance(strategy, tf.distribute.MirroredStrategy):

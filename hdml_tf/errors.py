@@ -14,3 +14,7 @@ class DataError(HDMLError):
 
 class WeightsError(HDMLError):
     """A weights file does not match the backbone (missing, unexpected or mis-shaped variables)."""
+
+
+class ConfigError(HDMLError, ValueError):
+    """A configuration value is invalid; the message is one line meant for the user."""

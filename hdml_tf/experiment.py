@@ -424,7 +424,7 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     "<variant> (best val_<monitor> at step N)", and results["selection"][<variant>] says how it was selected.
     Returns the results dict (also in results.json).
     """
-    hdml.check_batch_size(run.batch_size)
+    hdml.layout().check_batch_size(run.batch_size)
     from hdml_tf import distribute
     strategy = distribution_strategy(run)  # first: MultiWorkerMirroredStrategy must precede other TF ops
     distribute.check_global_batch(strategy, run.batch_size, hdml.loss)

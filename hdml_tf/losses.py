@@ -1,16 +1,13 @@
 """Metric losses J_m over batches laid out as tuples (vectorized, float32).
 
-The layouts are those of `docs/ARCHITECTURE.md`: N-pair = N anchors then their N positives; triplet = T anchors,
-T positives, T negatives; contrastive = P left and P right sides of positive pairs, then of negative pairs.
-Each function reproduces the official HDML code (lib/Loss_ops.py) value for value, and is written over whole
+Each function takes the parts of a batch already split (which rows are anchors, positives, negatives is the
+business of `hdml_tf.layouts`) and reproduces the official HDML code (lib/Loss_ops.py) value for value, and is written over whole
 tensors (no Python loop over the batch). tensorflow-addons, which used to provide such losses, is end-of-life and
 does not work with Keras 3, so they are written here.
 """
 from __future__ import annotations
 
 import tensorflow as tf
-
-from hdml_tf.config import LOSSES
 
 
 def safe_norm(x: tf.Tensor, axis: int = -1, eps: float = 1e-12) -> tf.Tensor:
@@ -28,14 +25,6 @@ def safe_norm(x: tf.Tensor, axis: int = -1, eps: float = 1e-12) -> tf.Tensor:
     squared = tf.reduce_sum(tf.square(x), axis=axis)
     ok = squared > eps
     return tf.where(ok, tf.sqrt(tf.where(ok, squared, tf.ones_like(squared))), tf.zeros_like(squared))
-
-
-def split_tuples(tensor: tf.Tensor, loss: str):
-    """Splits a batch (rows first) into its tuple parts: 2 for N-pair, 3 for triplet, 4 for contrastive."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss={loss!r} is unknown; expected one of {', '.join(LOSSES)}")
-    parts = {"npair": 2, "triplet": 3, "contrastive": 4}[loss]
-    return tf.split(tensor, parts, axis=0)
 
 
 def npair_loss(anchors: tf.Tensor, candidates: tf.Tensor, anchor_labels: tf.Tensor,
@@ -108,28 +97,6 @@ def contrastive_loss(pos_left: tf.Tensor, pos_right: tf.Tensor, neg_left: tf.Ten
     return tf.reduce_mean(pos + neg) / 4.0
 
 
-def metric_loss(embeddings: tf.Tensor, labels: tf.Tensor, loss: str, *, npair_l2: float = 3e-3,
-                triplet_margin: float = 1.0, contrastive_margin: float = 1.0) -> tf.Tensor:
-    """J_m of a batch in the tuple layout of `loss` (without weight decay).
-
-    Args:
-      embeddings: [B, E] in the layout of `loss`.
-      labels: int [B], same layout.
-    Returns:
-      float32 scalar.
-    """
-    if loss == "npair":
-        anchors, positives = split_tuples(embeddings, loss)
-        _, positive_labels = split_tuples(labels, loss)
-        # The official code scores both sides with the positives' labels (they are the anchors' labels).
-        return npair_loss(anchors, positives, positive_labels, positive_labels, npair_l2)
-    if loss == "triplet":
-        return triplet_loss(*split_tuples(embeddings, loss), margin=triplet_margin)
-    if loss == "contrastive":
-        return contrastive_loss(*split_tuples(embeddings, loss), margin=contrastive_margin)
-    raise ValueError(f"loss={loss!r} is unknown; expected one of {', '.join(LOSSES)}")
-
-
 def reconstruction_loss(reconstructed: tf.Tensor, features: tf.Tensor, gen_lambda: float = 0.5) -> tf.Tensor:
     """J_recon = (1 − λ)·Σ (ỹ − y)², a SUM over rows and features as in main_npair.py (not a mean).
 
@@ -141,29 +108,20 @@ def reconstruction_loss(reconstructed: tf.Tensor, features: tf.Tensor, gen_lambd
     return (1.0 - gen_lambda) * tf.reduce_sum(tf.square(diff))
 
 
-def label_preserving_softmax(logits: tf.Tensor, labels: tf.Tensor, loss: str, softmax_factor: float = 1e4,
+def mean_cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Mean softmax cross-entropy of int labels [M] against logits [M, C] (float32 scalar)."""
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)))
+
+
+def label_preserving_softmax(cross_entropy: tf.Tensor, softmax_factor: float = 1e4,
                              gen_lambda: float = 0.5) -> tf.Tensor:
-    """J_soft: the classifier must still recognise each synthetic point's source class (paper eq. 13).
+    """J_soft = softmax_factor·λ·CE (paper eq. 13; the official genSoftmax carries the factor 1e4).
 
     Args:
-      logits: classifier logits of the synthetic features, rows laid out as `hardness.augment`'s z_hat.
-      labels: int, the source labels of those rows (`hardness.synthetic_labels`).
-      loss: the tuple layout. For N-pair the official genSoftmax averages the N anchors and the N·N pulled
-        negatives separately and adds the two means; otherwise one mean over all rows (main_triplet.py).
+      cross_entropy: the classifier's cross-entropy on the synthetic features against their source classes, as the
+        batch layout averages it (`Layout.softmax_loss`: for N-pair the anchors' and the pulled points' means added).
     Returns:
-      float32 scalar softmax_factor·λ·CE.
+      float32 scalar.
     """
-    logits = tf.cast(logits, tf.float32)
-    labels = tf.cast(labels, tf.int32)
-
-    def ce(lab, lgt):
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=lab, logits=lgt))
-
-    if loss == "npair":
-        # z_hat has N + N² rows; N is the positive root of N² + N − rows = 0.
-        rows = tf.cast(tf.shape(labels)[0], tf.float32)
-        n = tf.cast(tf.round((tf.sqrt(1.0 + 4.0 * rows) - 1.0) / 2.0), tf.int32)
-        core = ce(labels[:n], logits[:n]) + ce(labels[n:], logits[n:])
-    else:
-        core = ce(labels, logits)
-    return softmax_factor * gen_lambda * core
+    return softmax_factor * gen_lambda * tf.cast(cross_entropy, tf.float32)

@@ -19,7 +19,7 @@ already-weighted J_m back) and J_gen are model variables, read before and update
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Optional
 
 import keras
 import tensorflow as tf
@@ -27,14 +27,43 @@ import tensorflow as tf
 from hdml_tf import distribute, hardness
 from hdml_tf.config import HDMLConfig, OptimConfig
 from hdml_tf.generator import classifier, generator, metric_head
-from hdml_tf.losses import (contrastive_loss, label_preserving_softmax, metric_loss, npair_loss,
-                            reconstruction_loss, split_tuples, triplet_loss)
+from hdml_tf.losses import label_preserving_softmax, mean_cross_entropy, reconstruction_loss
 from hdml_tf.running_mean import WindowedMean
 
 #: Quantities logged each step (means over the epoch in Keras' logs).
 HDML_LOG_KEYS = ("loss", "j_m", "j_syn", "j_gen", "j_recon", "j_soft", "j_ce", "weight_decay", "pull_factor",
                  "syn_weight", "pulled_fraction", "j_avg", "j_gen_avg", "skipped_steps")
 BASELINE_LOG_KEYS = ("loss", "j_m", "weight_decay", "j_avg", "skipped_steps")
+#: The losses among them (the rest are diagnostics and running means); each has a non-finite flag.
+LOSS_KEYS = ("loss", "j_m", "j_syn", "j_gen", "j_recon", "j_soft", "j_ce", "weight_decay")
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What the forward pass of one training step produced (float32 scalars unless said).
+
+    Attributes:
+      losses: the logged losses: "loss" (J_metric, what the backbone and head minimize), "j_m" (e^(−β/J_gen)·J_m with
+        weight decay; plain J_m for the baseline), "weight_decay", and for HDML "j_syn", "j_gen", "j_recon",
+        "j_soft", "j_ce".
+      running: this step's inputs to the running means ("j_avg", and "j_gen" for HDML), applied only if the step is.
+      diagnostics: logged quantities that are not losses: "pull_factor", "syn_weight", "pulled_fraction" (HDML).
+      was_pulled: bool, which negatives the augmentation moved (the layout's shape); not logged.
+    """
+
+    losses: Dict[str, tf.Tensor]
+    running: Dict[str, tf.Tensor]
+    diagnostics: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
+    was_pulled: Optional[tf.Tensor] = None
+
+
+class Route(NamedTuple):
+    """One optimizer's share of a step: the gradient of `losses[loss]` moves `variables` only."""
+
+    name: str
+    loss: str
+    optimizer: keras.optimizers.Optimizer
+    variables: list
 
 
 def make_optimizers(optim: OptimConfig = OptimConfig(), hdml: bool = True) -> Dict[str, keras.optimizers.Optimizer]:
@@ -101,17 +130,18 @@ class HDMLModel(keras.Model):
             # Built under a strategy's scope: backbone and head see per-replica rows, their BatchNorm statistics
             # must be the global batch's (the generator only sees the gathered global batch).
             distribute.synchronize_batch_norm(self.backbone, self.metric_head)
+        self.layout = config.layout()
         self.j_avg = WindowedMean(config.window, config.running_init, name="j_avg")
         self.j_gen_avg = WindowedMean(config.window, config.running_init, name="j_gen_avg")
         self.skipped = self.add_weight(shape=(), initializer="zeros", dtype="float32", trainable=False,
                                        name="skipped_steps")
+        keys = HDML_LOG_KEYS if config.hdml else BASELINE_LOG_KEYS
+        self._trackers = {k: keras.metrics.Mean(name=k) for k in keys}
         # Diagnostics of the last step for the NaN guard (hdml_tf.callbacks.NonFiniteGuard): 1.0 where a loss or a
         # route's gradient was NaN/Inf. A plain tf.Variable: not model state, so not in weights or checkpoints.
         self.nonfinite_names = self._nonfinite_names()
         self.nonfinite = tf.Variable(tf.zeros([len(self.nonfinite_names)]), trainable=False, name="nonfinite",
                                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        keys = HDML_LOG_KEYS if config.hdml else BASELINE_LOG_KEYS
-        self._trackers = {k: keras.metrics.Mean(name=k) for k in keys}
         self._decay_vars = weight_decay_variables(self.backbone, self.metric_head)
         self.generator_optimizer = None
         self.classifier_optimizer = None
@@ -162,101 +192,103 @@ class HDMLModel(keras.Model):
         device). See `hdml_tf.distribute.gather_global_batch`."""
         return tuple(distribute.gather_global_batch((features, embeddings, labels)))
 
-    def compute_losses(self, images, labels, training: bool = True) -> Dict[str, tf.Tensor]:
-        """All losses of one step as float32 scalars (keys as in HDML_LOG_KEYS, plus `was_pulled`)."""
-        cfg = self.config
+    def forward_step(self, images, labels, training: bool = True) -> StepResult:
+        """One forward pass of the training step: every loss, the running means' inputs and the diagnostics.
+
+        Args:
+          images: float [B, S, S, 3] in the batch layout of `config.loss` (per replica under a strategy).
+          labels: int [B].
+        Returns:
+          StepResult; the losses are computed on the global batch under a strategy.
+        """
+        cfg, layout = self.config, self.layout
         labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
         y = tf.cast(self.backbone(images, training=training), tf.float32)
         z = tf.cast(self.metric_head(y, training=training), tf.float32)
         y, z, labels = self._global_batch(y, z, labels)
         weight_decay = cfg.weight_decay * tf.add_n(
             [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in self._decay_vars]) if self._decay_vars else 0.0
-        j_m = metric_loss(z, labels, cfg.loss, npair_l2=cfg.npair_l2, triplet_margin=cfg.triplet_margin,
-                          contrastive_margin=cfg.contrastive_margin) + weight_decay
-        out = {"weight_decay": tf.convert_to_tensor(weight_decay, tf.float32)}
+        weight_decay = tf.convert_to_tensor(weight_decay, tf.float32)
+        j_m = layout.metric_loss(z, labels) + weight_decay  # official: J_m = Loss(...) + wdLoss
         if not cfg.hdml:
-            out.update(loss=j_m, j_m=j_m, j_avg_input=j_m)
-            return out
+            return StepResult(losses={"loss": j_m, "j_m": j_m, "weight_decay": weight_decay}, running={"j_avg": j_m})
 
-        z_hat, was_pulled = hardness.augment(z, cfg.loss, self.j_avg.value, cfg.alpha)
+        factor = hardness.pull_factor(self.j_avg.value, cfg.alpha)  # e^(−α/J_avg), eq. 8
+        z_hat, was_pulled = layout.synthesize(z, factor)
         batch = tf.shape(z)[0]
         y_gen = tf.cast(self.generator_net(tf.concat([z, z_hat], axis=0), training=training), tf.float32)
         y_rec, y_syn = y_gen[:batch], y_gen[batch:]
         z_syn = tf.cast(self.metric_head(y_syn, training=training), tf.float32)
-        j_syn_core = self._synthetic_metric_loss(z_syn, labels)
 
         real_weight = tf.exp(-cfg.beta / self.j_gen_avg.value)  # e^(−β/J_gen), eq. 15
         j_m_weighted = real_weight * j_m
-        j_syn = (1.0 - real_weight) * j_syn_core
-        j_metric = j_m_weighted + j_syn
-
-        j_ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=labels, logits=tf.cast(self.classifier_net(y, training=training), tf.float32)))
+        j_syn = (1.0 - real_weight) * layout.synthetic_loss(z_syn, labels)
+        j_ce = mean_cross_entropy(labels, self.classifier_net(y, training=training))
         j_recon = reconstruction_loss(y_rec, y, cfg.gen_lambda)
-        syn_logits = self.classifier_net(y_syn, training=training)
-        j_soft = label_preserving_softmax(syn_logits, hardness.synthetic_labels(labels, cfg.loss), cfg.loss,
-                                          cfg.softmax_factor, cfg.gen_lambda)
+        j_soft = label_preserving_softmax(
+            layout.softmax_loss(self.classifier_net(y_syn, training=training), layout.synthetic_labels(labels)),
+            cfg.softmax_factor, cfg.gen_lambda)
         j_gen = j_recon + j_soft
+        return StepResult(
+            losses={"loss": j_m_weighted + j_syn, "j_m": j_m_weighted, "j_syn": j_syn, "j_gen": j_gen,
+                    "j_recon": j_recon, "j_soft": j_soft, "j_ce": j_ce, "weight_decay": weight_decay},
+            # J_avg averages the already weighted J_m: main_npair.py feeds that value back.
+            running={"j_avg": j_m_weighted, "j_gen": j_gen},
+            diagnostics={"pull_factor": factor, "syn_weight": 1.0 - real_weight,
+                         "pulled_fraction": layout.pulled_fraction(was_pulled)},
+            was_pulled=was_pulled)
 
-        pulled = tf.cast(was_pulled, tf.float32)
-        if cfg.loss == "npair":
-            # The diagonal (anchor i against its own positive) is not a negative.
-            n = tf.cast(tf.shape(was_pulled)[0], tf.float32)
-            pulled_fraction = tf.reduce_sum(pulled) / tf.maximum(n * (n - 1.0), 1.0)
-        else:
-            pulled_fraction = tf.reduce_mean(pulled)
-        out.update(loss=j_metric, j_m=j_m_weighted, j_syn=j_syn, j_gen=j_gen, j_recon=j_recon, j_soft=j_soft,
-                   j_ce=j_ce, pull_factor=hardness.pull_factor(self.j_avg.value, cfg.alpha),
-                   syn_weight=1.0 - real_weight, pulled_fraction=pulled_fraction, j_avg_input=j_m_weighted,
-                   was_pulled=was_pulled)
-        return out
-
-    def _synthetic_metric_loss(self, z_syn, labels):
-        """J_m on the synthetic tuples z̃ (laid out as `hardness.augment` returns them), without weight decay."""
-        cfg = self.config
-        if cfg.loss == "npair":
-            anchor_labels, positive_labels = split_tuples(labels, "npair")
-            n = tf.shape(anchor_labels)[0]
-            anchors = z_syn[:n]
-            candidates = tf.reshape(z_syn[n:], [n, n, tf.shape(z_syn)[1]])
-            return npair_loss(anchors, candidates, anchor_labels, positive_labels, cfg.npair_l2)
-        if cfg.loss == "triplet":
-            return triplet_loss(*split_tuples(z_syn, "triplet"), margin=cfg.triplet_margin)
-        return contrastive_loss(*split_tuples(z_syn, "contrastive"), margin=cfg.contrastive_margin)
-
-    def _routes(self, out):
-        """(loss, optimizer, variables) triples: which loss may change which weights."""
-        routes = [(out["loss"], self.optimizer, self.metric_variables)]
+    def _route_specs(self):
+        """(gradient name, loss key, optimizer attribute, network or None for backbone + head) of each route: the
+        official three `minimize(var_list=...)` calls."""
+        specs = [("grad(J_metric)", "loss", "optimizer", None)]
         if self.config.hdml:
-            routes.append((out["j_gen"], self.generator_optimizer, self.generator_net.trainable_variables))
-            routes.append((out["j_ce"], self.classifier_optimizer, self.classifier_net.trainable_variables))
-        return routes
+            specs += [("grad(J_gen)", "j_gen", "generator_optimizer", self.generator_net),
+                      ("grad(J_ce)", "j_ce", "classifier_optimizer", self.classifier_net)]
+        return specs
+
+    def _routes(self) -> List[Route]:
+        """Which loss may change which weights, with which optimizer."""
+        return [Route(name, loss, getattr(self, optimizer),
+                      self.metric_variables if net is None else net.trainable_variables)
+                for name, loss, optimizer, net in self._route_specs()]
+
+    def _forward_and_gradients(self, images, labels, loss_factor: float = 1.0):
+        """The prelude both step bodies share: BatchNorm snapshot, forward pass, each route's gradients, the
+        non-finite flags.
+
+        Args:
+          loss_factor: every route differentiates loss · loss_factor (1/R under a strategy of R replicas, whose
+            optimizers SUM the replicas' gradients; see `distribute.loss_scale_for_replicas`).
+        Returns:
+          (step, routes, grads {route name: [gradient per variable]}, flags {name: bool scalar}, BatchNorm snapshot).
+        """
+        state = [tf.identity(v) for v in self._state_variables()] if self.config.skip_nonfinite else []
+        with tf.GradientTape(persistent=True) as tape:
+            step = self.forward_step(images, labels, training=True)
+            routes = self._routes()
+            scaled = {r.name: r.optimizer.scale_loss(step.losses[r.loss] * loss_factor) for r in routes}
+        grads = {r.name: tape.gradient(scaled[r.name], r.variables) for r in routes}
+        del tape
+        return step, routes, grads, self._nonfinite_flags(step, grads), state
 
     def train_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         if distribute.in_replica_of_strategy():
             return self._distributed_train_step(images, labels)
-        state = [tf.identity(v) for v in self._state_variables()] if self.config.skip_nonfinite else []
-        with tf.GradientTape(persistent=True) as tape:
-            out = self.compute_losses(images, labels, training=True)
-            routes = self._routes(out)
-            scaled = [opt.scale_loss(loss) for loss, opt, _ in routes]
-        grads = [tape.gradient(s, variables) for s, (_, _, variables) in zip(scaled, routes)]
-        del tape
-        skip = self._skip_decision(self._nonfinite_flags(out, grads), routes)
-        optimizers_and_variables = [(opt, variables) for _, opt, variables in routes]
-        running = self._running_inputs(out)
+        step, routes, grads, flags, state = self._forward_and_gradients(images, labels)
         if self.config.skip_nonfinite:
-            tf.cond(skip, lambda: self._restore_state(state),
-                    lambda: self._apply_updates(grads, optimizers_and_variables, running))
+            tf.cond(self._skip_decision(flags, routes), lambda: self._restore_state(state),
+                    lambda: self._apply_updates(grads, routes, step.running))
         else:
-            self._apply_updates(grads, optimizers_and_variables, running)
-        return self._log(out)
+            self._apply_updates(grads, routes, step.running)
+        return self._log(step)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Under a strategy, Keras 3 pulls one batch and `strategy.reduce`s it to build the model symbolically;
         that reduce fails under MultiWorkerMirroredStrategy (keras-team/keras#20585). The input signature is
-        known (images [B, S, S, 3] float32, labels [B] int32), so build from it instead of from a batch."""
+        known (images [B, S, S, 3] float32, labels [B] int32), so build from it instead of from a batch.
+        tests/test_model.py checks that Keras still has this private hook with this signature."""
         if iterator is not None and getattr(self, "_distribute_strategy", None) is not None:
             images = tf.TensorSpec((None,) + tuple(self.backbone.input_shape[1:]), tf.float32)
             iterator, data_batch = None, (images, tf.TensorSpec((None,), tf.int32))
@@ -265,37 +297,29 @@ class HDMLModel(keras.Model):
     def _distributed_train_step(self, images, labels):
         """`train_step` inside `strategy.run` (Mirrored / MultiWorkerMirrored).
 
-        Same losses (on the gathered global batch), routing and skip rule as on one device, with two changes:
-        each replica differentiates loss / R (the optimizer SUMS the replicas' gradients, see
-        `distribute.loss_scale_for_replicas`), and the update-or-skip decision is taken once for all replicas in
-        cross-replica context: a `tf.cond` around `optimizer.apply` cannot run in replica context (the gradient
-        all-reduce is a `merge_call`), so the non-finite flags are all-reduced (one small vector), then
-        `merge_call` → `tf.cond` → `call_for_each_replica(apply or restore)`. Keras' LossScaleOptimizer does
-        the same internally.
+        Same prelude, losses (on the gathered global batch), routing and skip rule as on one device, with two
+        changes: each replica differentiates loss / R (the optimizer SUMS the replicas' gradients), and the
+        update-or-skip decision is taken once for all replicas in cross-replica context: a `tf.cond` around
+        `optimizer.apply` cannot run in replica context (the gradient all-reduce is a `merge_call`), so the
+        non-finite flags are all-reduced (one small vector), then `merge_call` → `tf.cond` →
+        `call_for_each_replica(apply or restore)`. Keras' LossScaleOptimizer does the same internally.
         """
-        inverse_replicas = distribute.loss_scale_for_replicas()
-        state = [tf.identity(v) for v in self._state_variables()] if self.config.skip_nonfinite else []
-        with tf.GradientTape(persistent=True) as tape:
-            out = self.compute_losses(images, labels, training=True)
-            routes = self._routes(out)
-            scaled = [opt.scale_loss(loss * inverse_replicas) for loss, opt, _ in routes]
-        grads = [tape.gradient(s, variables) for s, (_, _, variables) in zip(scaled, routes)]
-        del tape
+        step, routes, grads, flags, state = self._forward_and_gradients(
+            images, labels, distribute.loss_scale_for_replicas())
         # Flags of ANY replica: a non-finite loss or gradient anywhere skips the step everywhere.
-        bad = distribute.any_replica(self._nonfinite_flags(out, grads))
-        n_losses = len(self.nonfinite_names) - len(grads)
-        for i, (_, opt, _) in enumerate(routes):
-            if isinstance(opt, keras.optimizers.LossScaleOptimizer):
+        any_flags = distribute.any_replica(tf.stack([flags[n] for n in self.nonfinite_names]))
+        flags = dict(zip(self.nonfinite_names, tf.unstack(any_flags)))
+        for r in routes:
+            if isinstance(r.optimizer, keras.optimizers.LossScaleOptimizer):
                 # The loss-scale optimizer judges the first replica's LOCAL gradients only: show it a NaN there
                 # when any replica overflowed, so it lowers the scale and skips instead of applying an Inf.
-                grads[i] = [g if g is None else tf.where(bad[n_losses + i], tf.constant(float("nan"), g.dtype), g)
-                            for g in grads[i]]
-        skip = self._skip_decision(bad, routes)
-        running = self._running_inputs(out)
-        optimizers_and_variables = [(opt, variables) for _, opt, variables in routes]
+                grads[r.name] = [g if g is None else tf.where(flags[r.name], tf.constant(float("nan"), g.dtype), g)
+                                 for g in grads[r.name]]
+        skip = self._skip_decision(flags, routes)
+        running = step.running
 
         def apply(grads, running):  # replica context
-            self._apply_updates(grads, optimizers_and_variables, running)
+            self._apply_updates(grads, routes, running)
 
         def restore(state):  # replica context
             self._restore_state(state)
@@ -313,50 +337,46 @@ class HDMLModel(keras.Model):
             return tf.cond(skip, do_skip, do_apply)
 
         tf.distribute.get_replica_context().merge_call(decide, args=(skip, grads, running, state))
-        return distribute.reducible_logs(self._log(out))
+        return distribute.reducible_logs(self._log(step))
 
     def _nonfinite_names(self):
-        """Names of the `nonfinite` flags: the losses of `compute_losses`, then the gradient of each route."""
-        losses = [k for k in (HDML_LOG_KEYS if self.config.hdml else BASELINE_LOG_KEYS)
-                  if k not in ("j_avg", "j_gen_avg", "skipped_steps")]
-        routes = ["grad(J_metric)", "grad(J_gen)", "grad(J_ce)"] if self.config.hdml else ["grad(J_metric)"]
-        return tuple(losses + routes)
+        """Names of the non-finite flags: every logged loss of `forward_step`, then each route's gradient."""
+        return tuple([k for k in self._trackers if k in LOSS_KEYS] + [spec[0] for spec in self._route_specs()])
 
-    def _nonfinite_flags(self, out, grads) -> tf.Tensor:
-        """bool [len(nonfinite_names)]: which losses and which routes' gradients of this step are NaN or Inf.
+    def _nonfinite_flags(self, step: StepResult, grads) -> Dict[str, tf.Tensor]:
+        """{name: bool scalar}: which losses and which routes' gradients of this step are NaN or Inf.
 
-        Also recorded in `self.nonfinite` for the NaN guard's log line (this replica's flags)."""
+        Also recorded in `self.nonfinite` (in `nonfinite_names` order) for the NaN guard's log line (this replica's
+        flags)."""
         def bad(tensors):
             return tf.logical_not(tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors
                                                  if t is not None] or [tf.constant(True)]))
-        n_losses = len(self.nonfinite_names) - len(grads)
-        flags = tf.stack([bad([out[k]]) for k in self.nonfinite_names[:n_losses]] + [bad(g) for g in grads])
-        self.nonfinite.assign(tf.cast(flags, tf.float32))
+        flags = {name: bad([step.losses[name]]) for name in self.nonfinite_names if name in step.losses}
+        flags.update({name: bad(g) for name, g in grads.items()})
+        self.nonfinite.assign(tf.cast(tf.stack([flags[n] for n in self.nonfinite_names]), tf.float32))
         return flags
 
-    def _skip_decision(self, flags, routes) -> tf.Tensor:
+    def nonfinite_report(self) -> List[str]:
+        """Names of the losses / gradient routes that were NaN or Inf in the last step (eager; for callbacks)."""
+        values = keras.ops.convert_to_numpy(self.nonfinite)
+        return [name for name, bad in zip(self.nonfinite_names, values) if bad > 0]
+
+    def _skip_decision(self, flags: Dict[str, tf.Tensor], routes: List[Route]) -> tf.Tensor:
         """True when the step must not be applied: a non-finite loss, or a non-finite gradient of a route whose
         optimizer does not scale losses (a LossScaleOptimizer lowers its scale and skips by itself)."""
         if not self.config.skip_nonfinite:
             return tf.constant(False)
-        n_losses = len(self.nonfinite_names) - len(routes)
-        skip = tf.reduce_any(flags[:n_losses])
-        for i, (_, opt, _) in enumerate(routes):
-            if not isinstance(opt, keras.optimizers.LossScaleOptimizer):
-                skip = tf.logical_or(skip, flags[n_losses + i])
+        route_names = {r.name for r in routes}
+        skip = tf.reduce_any(tf.stack([f for name, f in flags.items() if name not in route_names]))
+        for r in routes:
+            if not isinstance(r.optimizer, keras.optimizers.LossScaleOptimizer):
+                skip = tf.logical_or(skip, flags[r.name])
         return skip
 
-    def _running_inputs(self, out):
-        """This step's contributions to the running means (read by the next steps)."""
-        running = {"j_avg": out["j_avg_input"]}
-        if self.config.hdml:
-            running["j_gen"] = out["j_gen"]
-        return running
-
-    def _apply_updates(self, grads, optimizers_and_variables, running):
+    def _apply_updates(self, grads, routes: List[Route], running: Dict[str, tf.Tensor]):
         """Applies each route's gradients with its optimizer and advances the running means."""
-        for g, (opt, variables) in zip(grads, optimizers_and_variables):
-            opt.apply(g, variables)
+        for r in routes:
+            r.optimizer.apply(grads[r.name], r.variables)
         self.j_avg.update(running["j_avg"])
         if self.config.hdml:
             self.j_gen_avg.update(running["j_gen"])
@@ -369,16 +389,14 @@ class HDMLModel(keras.Model):
         self.skipped.assign_add(1.0)
         return tf.constant(1.0)
 
-    def _log(self, out):
+    def _log(self, step: StepResult):
+        """Updates the per-epoch means; a non-finite value (of a skipped step) is logged as 0."""
+        values = {**step.losses, **step.diagnostics, "j_avg": self.j_avg.value, "skipped_steps": self.skipped}
+        if self.config.hdml:
+            values["j_gen_avg"] = self.j_gen_avg.value
         for key, tracker in self._trackers.items():
-            if key == "j_avg":
-                tracker.update_state(self.j_avg.value)
-            elif key == "j_gen_avg":
-                tracker.update_state(self.j_gen_avg.value)
-            elif key == "skipped_steps":
-                tracker.update_state(self.skipped)
-            elif key in out:
-                tracker.update_state(tf.where(tf.math.is_finite(out[key]), out[key], 0.0))
+            value = tf.cast(values[key], tf.float32)
+            tracker.update_state(tf.where(tf.math.is_finite(value), value, 0.0))
         return {key: tracker.result() for key, tracker in self._trackers.items()}
 
     def test_step(self, data):
@@ -387,9 +405,7 @@ class HDMLModel(keras.Model):
         labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
         z = tf.cast(self.metric_head(self.backbone(images, training=False), training=False), tf.float32)
         z, labels = distribute.gather_global_batch((z, labels))  # J_m of the global batch under a strategy
-        j_m = metric_loss(z, labels, self.config.loss, npair_l2=self.config.npair_l2,
-                          triplet_margin=self.config.triplet_margin,
-                          contrastive_margin=self.config.contrastive_margin)
+        j_m = self.layout.metric_loss(z, labels)
         self._trackers["loss"].update_state(j_m)
         self._trackers["j_m"].update_state(j_m)
         return distribute.reducible_logs({"loss": self._trackers["loss"].result(),

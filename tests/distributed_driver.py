@@ -18,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
+from conftest import layout_batch  # noqa: E402
+
 IMAGE = 16
 TUPLES = 4  # global tuples per batch
 STEPS = 2
@@ -47,16 +49,8 @@ def bn_backbone(seed=0):
 
 def batches(loss, steps, seed=0, nan_step=None):
     """`steps` global batches in the tuple layout: images [B, 16, 16, 3] float32, labels int32 [B]."""
-    rng = np.random.default_rng(seed)
-    k = {"npair": 2, "triplet": 3, "contrastive": 4}[loss]
-    images = rng.uniform(0, 255, (steps, k * TUPLES, IMAGE, IMAGE, 3)).astype("float32")
-    labels = []
-    for _ in range(steps):
-        classes = rng.permutation(8)[:TUPLES]
-        if loss == "npair":
-            labels.append(np.tile(classes, 2))
-        else:
-            labels.append(np.concatenate([classes, classes, (classes + 1 + rng.integers(0, 7, TUPLES)) % 8]))
+    images, labels = (np.stack(parts) for parts in zip(*[layout_batch(loss, TUPLES, IMAGE, seed=seed + step)
+                                                          for step in range(steps)]))
     if nan_step is not None:
         images[nan_step, 1, 0, 0, 0] = np.nan  # a row that lands on the second replica
     return images, np.asarray(labels, "int32")

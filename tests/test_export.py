@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import load_tool, tiny_backbone
+from conftest import layout_batch, load_tool, tiny_backbone
 from hdml_tf import export
 from hdml_tf.config import HDMLConfig
 from hdml_tf.data.image_set import ImageSet
@@ -73,9 +73,7 @@ def _model(hdml=True, num_classes=4, seed=0):
 
 
 def _batch(seed=0):
-    rng = np.random.default_rng(seed)
-    images = rng.uniform(0, 255, (8, SIZE, SIZE, 3)).astype("float32")
-    return images, np.tile(np.arange(4), 2).astype("int32")
+    return layout_batch("npair", tuples=4, size=SIZE, seed=seed, num_classes=4)
 
 
 def _compile(model):

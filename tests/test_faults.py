@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import resume_driver
-from conftest import tiny_backbone
+from conftest import layout_batch, tiny_backbone
 from hdml_tf import checkpointing, experiment, hardness
 from hdml_tf.callbacks import TrainingDiverged
 from hdml_tf.checkpointing import MANIFEST, CheckpointError, CheckpointManager
@@ -35,10 +35,7 @@ def model():
 
 
 def _batch(step):
-    rng = np.random.default_rng(step)
-    images = rng.uniform(0, 255, (2 * N, 16, 16, 3)).astype("float32")
-    labels = np.tile(rng.permutation(2 * N)[:N], 2).astype("int32")
-    return images, labels
+    return layout_batch("npair", tuples=N, size=16, seed=step, num_classes=2 * N)
 
 
 def _saved(directory, model, steps=(2, 4)):
@@ -203,8 +200,8 @@ def test_zero_distances_make_the_official_pulling_nan_but_not_ours():
         with tf.GradientTape(persistent=True) as tape:
             tape.watch([anchor, positive, negative])
             official = tf.reduce_sum(_official_pull(anchor, positive, negative, 1.0))
-            ours = tf.reduce_sum(hardness.pull(anchor, negative, hardness.safe_norm(anchor - positive), 1.0,
-                                               90.0)[0])
+            ours = tf.reduce_sum(hardness.pull(anchor, negative, hardness.safe_norm(anchor - positive),
+                                               hardness.pull_factor(1.0, 90.0))[0])
         assert bool(np.isnan(official.numpy())) == official_value_nan
         assert np.isnan(tape.gradient(official, anchor).numpy()).any()  # always NaN in the official gradient
         assert np.isfinite(ours.numpy())

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hdml_tf import hardness
+from hdml_tf import hardness, layouts
 from hdml_tf.running_mean import WindowedMean
 
 
@@ -16,10 +16,15 @@ def _np_pull(anchor, positive, negative, j_avg, alpha=90.0):
     return anchor + (d_pos + (d_neg - d_pos) * np.exp(-alpha / j_avg)) / d_neg * (negative - anchor)
 
 
+def _synthesize(loss, z, j_avg, alpha=90.0):
+    """The layout's synthetic tuples with the official pull factor e^(−α/J_avg)."""
+    return layouts.get(loss).synthesize(tf.convert_to_tensor(z, tf.float32), hardness.pull_factor(j_avg, alpha))
+
+
 @pytest.mark.parametrize("j_avg", ["1e6", "30", "1"])
 def test_npair_pull_matches_official(official, j_avg):
     z = official["npair/z"]
-    got, _ = hardness.augment(tf.constant(z, tf.float32), "npair", tf.constant(float(j_avg)), 90.0)
+    got, _ = _synthesize("npair", z, float(j_avg))
     np.testing.assert_allclose(got.numpy(), official[f"npair/pulled_javg_{j_avg}"], rtol=1e-5, atol=1e-6)
     anchors, positives = z[:4], z[4:]
     for i in range(4):
@@ -30,7 +35,7 @@ def test_npair_pull_matches_official(official, j_avg):
 
 def test_triplet_pull_matches_official(official):
     z = official["triplet/z"]
-    got, _ = hardness.augment(tf.constant(z, tf.float32), "triplet", tf.constant(30.0), 90.0)
+    got, _ = _synthesize("triplet", z, 30.0)
     np.testing.assert_allclose(got.numpy(), official["triplet/pulled_javg_30"], rtol=1e-5, atol=1e-6)
 
 
@@ -40,14 +45,15 @@ def test_special_cases():
     far = np.array([[0.0, 4.0]])
     near = np.array([[0.0, 0.5]])
     # d+ >= d-: the negative is already hard and is kept as it is.
-    kept, was = hardness.pull(anchor, near, np.array([1.0]), tf.constant(1.0), 90.0)
+    kept, was = hardness.pull(anchor, near, np.array([1.0]), hardness.pull_factor(1.0, 90.0))
     np.testing.assert_array_equal(kept.numpy(), near)
     assert not was.numpy()[0]
     # J_avg = 1e6 (the initial value): e^(-90/1e6) ~ 1, nothing measurable moves.
-    same, _ = hardness.pull(anchor, far, np.array([1.0]), tf.constant(1e6), 90.0)
+    same, _ = hardness.pull(anchor, far, np.array([1.0]), hardness.pull_factor(1e6, 90.0))
     np.testing.assert_allclose(same.numpy(), far, atol=1e-3)
     # A tiny J_avg pulls the negative to distance d+ from the anchor, along the same direction.
-    hard, was = hardness.pull(anchor, far, np.linalg.norm(anchor - positive, axis=1), tf.constant(1e-3), 90.0)
+    hard, was = hardness.pull(anchor, far, np.linalg.norm(anchor - positive, axis=1),
+                              hardness.pull_factor(1e-3, 90.0))
     np.testing.assert_allclose(hard.numpy(), [[0.0, 1.0]], atol=1e-6)
     assert was.numpy()[0]
 
@@ -55,20 +61,20 @@ def test_special_cases():
 def test_zero_distances_give_finite_gradients():
     z = tf.Variable(tf.zeros([6, 3]))  # N-pair with every point equal: d+ = d- = 0
     with tf.GradientTape() as tape:
-        out, _ = hardness.augment(z, "npair", tf.constant(5.0), 90.0)
+        out, _ = _synthesize("npair", z, 5.0)
         total = tf.reduce_sum(out)
     grad = tape.gradient(total, z)
     assert np.isfinite(grad.numpy()).all()
     zt = tf.Variable(np.array([[0, 0], [1, 0], [0, 0]], np.float32))  # triplet with the negative on the anchor
     with tf.GradientTape() as tape:
-        out, _ = hardness.augment(zt, "triplet", tf.constant(5.0), 90.0)
+        out, _ = _synthesize("triplet", zt, 5.0)
         total = tf.reduce_sum(out)
     assert np.isfinite(tape.gradient(total, zt).numpy()).all()
 
 
 def test_synthetic_labels_npair_layout():
     labels = tf.constant([7, 8, 9, 7, 8, 9])
-    np.testing.assert_array_equal(hardness.synthetic_labels(labels, "npair").numpy(),
+    np.testing.assert_array_equal(layouts.get("npair").synthetic_labels(labels).numpy(),
                                   [7, 8, 9, 7, 8, 9, 7, 8, 9, 7, 8, 9])
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hdml_tf import losses
+from hdml_tf import layouts, losses
 
 
 def _np_npair(anchors, positives, labels, reg):
@@ -21,7 +21,7 @@ def _np_npair(anchors, positives, labels, reg):
 
 def test_npair_matches_official(official):
     z, labels = official["npair/z"], official["npair/labels"]
-    got = losses.metric_loss(tf.constant(z, tf.float32), tf.constant(labels), "npair", npair_l2=3e-3)
+    got = layouts.NPair(l2_reg=3e-3).metric_loss(tf.constant(z, tf.float32), tf.constant(labels))
     np.testing.assert_allclose(got.numpy(), official["npair/j_m"], rtol=1e-5)
     np.testing.assert_allclose(got.numpy(), _np_npair(z[:4], z[4:], labels[4:], 3e-3), rtol=1e-5)
 
@@ -42,7 +42,7 @@ def test_npair_hand_worked():
 
 def test_triplet_matches_official_and_hand_worked(official):
     z = official["triplet/z"]
-    got = losses.metric_loss(tf.constant(z, tf.float32), tf.zeros(15, tf.int32), "triplet")
+    got = layouts.get("triplet").metric_loss(tf.constant(z, tf.float32), tf.zeros(15, tf.int32))
     np.testing.assert_allclose(got.numpy(), official["triplet/j_m"], rtol=1e-5)
     hand = losses.triplet_loss(tf.constant([[0.0, 0.0]]), tf.constant([[1.0, 0.0]]), tf.constant([[0.0, 1.0]]))
     assert hand.numpy() == pytest.approx(1.0)
@@ -53,7 +53,7 @@ def test_triplet_matches_official_and_hand_worked(official):
 
 def test_contrastive_matches_official(official):
     z = official["contrastive/z"]
-    got = losses.metric_loss(tf.constant(z, tf.float32), tf.zeros(20, tf.int32), "contrastive")
+    got = layouts.get("contrastive").metric_loss(tf.constant(z, tf.float32), tf.zeros(20, tf.int32))
     np.testing.assert_allclose(got.numpy(), official["contrastive/j_m"], rtol=1e-5)
     p1, p2, n1, n2 = np.split(z, 4)
     ref = np.mean(((p1 - p2) ** 2).sum(1) + np.maximum(0, 1 - ((n1 - n2) ** 2).sum(1))) / 4
@@ -72,4 +72,4 @@ def test_safe_norm_value_and_zero_gradient():
 
 def test_unknown_loss_is_one_clear_error():
     with pytest.raises(ValueError, match="unknown; expected one of npair, triplet, contrastive"):
-        losses.metric_loss(tf.zeros([4, 2]), tf.zeros(4, tf.int32), "arcface")
+        layouts.get("arcface")

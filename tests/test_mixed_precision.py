@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import tiny_backbone
+from conftest import layout_batch, tiny_backbone
 from hdml_tf import distribute
 from hdml_tf.config import HDMLConfig
 from hdml_tf.model import HDMLModel
@@ -26,7 +26,7 @@ def _batch(step, tuples=4, size=16):
     rng = np.random.default_rng(step)
     colour = rng.uniform(0, 255, (2 * tuples, 1, 1, 3))
     images = np.clip(colour + rng.normal(0, 30, (2 * tuples, size, size, 3)), 0, 255).astype("float32")
-    return images, np.tile(rng.permutation(8)[:tuples], 2).astype("int32")
+    return images, layout_batch("npair", tuples, size, seed=step)[1]
 
 
 def _train(precision, steps, optimizer):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_backbone
-from hdml_tf import hardness, losses
+from conftest import layout_batch, tiny_backbone
+from hdml_tf import layouts, losses
 from hdml_tf.config import HDMLConfig, OptimConfig
 from hdml_tf.model import HDMLModel
 
@@ -13,24 +13,16 @@ from hdml_tf.model import HDMLModel
 def test_generator_losses_match_official(official):
     labels = official["npair/labels"]
     logits = np.concatenate([official["npair/logits_anc"], official["npair/logits_negtile"]])
-    syn_labels = hardness.synthetic_labels(tf.constant(labels), "npair")
-    got = losses.label_preserving_softmax(tf.constant(logits, tf.float32), syn_labels, "npair")
+    npair = layouts.get("npair")
+    syn_labels = npair.synthetic_labels(tf.constant(labels))
+    got = losses.label_preserving_softmax(npair.softmax_loss(tf.constant(logits, tf.float32), syn_labels))
     np.testing.assert_allclose(got.numpy(), official["npair/j_soft"], rtol=1e-5)
     rec = losses.reconstruction_loss(official["recon/y_rec"], official["recon/y"], 0.5)
     np.testing.assert_allclose(rec.numpy(), official["recon/j_recon"], rtol=1e-5)
 
 
 def _batch(loss, tuples=4, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    k = {"npair": 2, "triplet": 3, "contrastive": 4}[loss]
-    images = rng.uniform(0, 255, (k * tuples, size, size, 3)).astype("float32")
-    if loss == "npair":
-        labels = np.tile(np.arange(tuples), 2)
-    elif loss == "triplet":
-        labels = np.concatenate([np.arange(tuples), np.arange(tuples), np.arange(tuples) + 1])
-    else:
-        labels = np.concatenate([np.arange(tuples)] * 2 + [np.arange(tuples), np.arange(tuples) + 1])
-    return images, labels.astype("int32")
+    return layout_batch(loss, tuples, size, seed)
 
 
 def _model(loss="npair", hdml=True, lrs=(1e-3, 1e-2, 1e-3), **cfg):
@@ -94,8 +86,7 @@ def test_other_layouts_train(loss):
 
 def _tape_grads(model, images, labels, loss_key, variables):
     with tf.GradientTape() as tape:
-        out = model.compute_losses(images, labels, training=True)
-        loss = out[loss_key]
+        loss = model.forward_step(images, labels, training=True).losses[loss_key]
     return [g for g in tape.gradient(loss, variables) if g is not None]
 
 
@@ -158,6 +149,6 @@ def test_config_errors_are_one_line():
     with pytest.raises(ConfigError, match="loss='arc' is unknown"):
         HDMLConfig(loss="arc")
     with pytest.raises(ConfigError, match="batch_size=9 does not fit the npair layout"):
-        HDMLConfig(loss="npair").check_batch_size(9)
+        HDMLConfig(loss="npair").layout().check_batch_size(9)
     with pytest.raises(ConfigError, match="learning_rate=-1"):
         OptimConfig(learning_rate=-1)

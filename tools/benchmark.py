@@ -71,7 +71,7 @@ def make_batch(loss: str, batch_size: int, image_size: int, num_classes: int, se
     import tensorflow as tf
 
     from hdml_tf.config import ConfigError, HDMLConfig
-    HDMLConfig(loss=loss).check_batch_size(batch_size)
+    HDMLConfig(loss=loss).layout().check_batch_size(batch_size)
     rng = np.random.default_rng(seed)
     images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype(np.float32)
     if loss == "npair":
@@ -206,11 +206,11 @@ def breakdown(batch, xla: bool) -> dict:
     Pieces, on the shapes of one step (N-pair: N anchors, N^2 synthetic negatives):
       backbone: features of the batch and their gradient w.r.t. the backbone (shared by both methods);
       metric_head_and_loss: z = head(y), J_m, gradient (the baseline's whole tail);
-      pulling: eq. 8 on the N x N anchor/negative grid (`hardness.augment`) and its gradient;
+      pulling: eq. 8 on the N x N anchor/negative grid (`Layout.synthesize`) and its gradient;
       generator: the generator on [z; z_hat] (B + N + N^2 rows) and its gradient;
       second_head_pass: the metric head on the synthetic features and J_m on them (J_syn), gradient;
       classifier_soft: the classifier on the synthetic features (J_soft) and on y (J_ce), gradient;
-      hdml_tail: everything after the backbone in HDML's step (`HDMLModel.compute_losses` on fixed features).
+      hdml_tail: everything after the backbone in HDML's step (`HDMLModel.forward_step` on fixed features).
     """
     import keras
     import tensorflow as tf
@@ -218,7 +218,6 @@ def breakdown(batch, xla: bool) -> dict:
     from hdml_tf import hardness
     from hdml_tf.backbones import build_backbone
     from hdml_tf.config import HDMLConfig
-    from hdml_tf.losses import metric_loss
     from hdml_tf.model import HDMLModel
 
     keras.utils.set_random_seed(FLAGS.seed)
@@ -234,9 +233,10 @@ def breakdown(batch, xla: bool) -> dict:
     model(y[:2])
     z = tf.math.l2_normalize(tf.random.normal([rows, cfg.embedding_size], seed=FLAGS.seed), -1)
     j_avg = tf.constant(5.0)  # pulls most negatives: the costly case
-    z_hat, _ = hardness.augment(z, cfg.loss, j_avg, cfg.alpha)
+    layout, factor = cfg.layout(), hardness.pull_factor(j_avg, cfg.alpha)
+    z_hat, _ = layout.synthesize(z, factor)
     y_syn = model.generator_net(tf.concat([z, z_hat], 0))[rows:]
-    syn_labels = hardness.synthetic_labels(labels, cfg.loss)
+    syn_labels = layout.synthetic_labels(labels)
     head, gen, clf = model.metric_head, model.generator_net, model.classifier_net
     clf(y[:2])  # build every layer outside tf.function
 
@@ -253,14 +253,14 @@ def breakdown(batch, xla: bool) -> dict:
     def head_and_loss():
         with tf.GradientTape() as tape:
             tape.watch(y)
-            loss = metric_loss(head(y, training=True), labels, cfg.loss)
+            loss = layout.metric_loss(head(y, training=True), labels)
         return tape.gradient(loss, [y] + head.trainable_variables)
 
     @fn
     def pulling():
         with tf.GradientTape() as tape:
             tape.watch(z)
-            out = tf.reduce_sum(hardness.augment(z, cfg.loss, j_avg, cfg.alpha)[0])
+            out = tf.reduce_sum(layout.synthesize(z, factor)[0])
         return tape.gradient(out, z)
 
     @fn
@@ -275,7 +275,7 @@ def breakdown(batch, xla: bool) -> dict:
     def second_head_pass():
         with tf.GradientTape() as tape:
             tape.watch(y_syn)
-            loss = model._synthetic_metric_loss(head(y_syn, training=True), labels)
+            loss = layout.synthetic_loss(head(y_syn, training=True), labels)
         return tape.gradient(loss, [y_syn] + head.trainable_variables)
 
     @fn
@@ -290,7 +290,7 @@ def breakdown(batch, xla: bool) -> dict:
     def hdml_tail():
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(y)
-            out = model.compute_losses(y, labels, training=True)
+            out = model.forward_step(y, labels, training=True).losses
         return [tape.gradient(out["loss"], [y] + head.trainable_variables),
                 tape.gradient(out["j_gen"], gen.trainable_variables),
                 tape.gradient(out["j_ce"], clf.trainable_variables)]

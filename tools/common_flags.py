@@ -136,7 +136,7 @@ def configs_from_flags():
         learning_rate=FLAGS.learning_rate, generator_learning_rate=FLAGS.generator_learning_rate,
         classifier_learning_rate=FLAGS.classifier_learning_rate,
         decay_steps=_ints(FLAGS.lr_decay_steps, "lr_decay_steps"), decay_factor=FLAGS.lr_decay_factor)
-    hdml.check_batch_size(run.batch_size)
+    hdml.layout().check_batch_size(run.batch_size)
     return run, hdml, optim
 
 

@@ -40,11 +40,11 @@ from typing import Optional, Union
 import numpy as np
 import tensorflow as tf
 
-from hdml_tf.config import LOSSES, ConfigError, HDMLConfig
+from hdml_tf import layouts
 from hdml_tf.data import images as img
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.data.images import Augment
-from hdml_tf.errors import DataError
+from hdml_tf.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,16 @@ _MANIFEST = "manifest.json"
 # --------------------------------------------------------------------------------------------- sampler
 
 
-class TupleSampler:
+class TupleSampler(layouts.ClassDraws):
     """Stateless class-balanced index schedule: `indices(step)` is a pure function of (seed, step).
+
+    The batch's arrangement is the layout's (`Layout.sample`); this class provides the class-balanced primitives it
+    draws from (`hdml_tf.layouts.ClassDraws`): classes uniform, then images uniform within a class.
 
     Args:
       labels: int [N], labels of the rows that may be sampled.
-      loss: "npair", "triplet" or "contrastive" (the batch layout, see the module docstring).
-      batch_size: B, a multiple of the tuple size (2, 3, 4) with at least 2 tuples.
+      loss: the batch layout: a `hdml_tf.layouts` name ("npair", "triplet", "contrastive") or a Layout.
+      batch_size: B, a whole number (>= 2) of the layout's tuples.
       seed: int seed of the schedule.
       name: for messages.
 
@@ -72,11 +75,11 @@ class TupleSampler:
       DataError: too few classes with two or more images for the requested number of tuples.
     """
 
-    def __init__(self, labels: np.ndarray, loss: str, batch_size: int, seed: int, name: str = ""):
-        _check_layout(loss, batch_size)
+    def __init__(self, labels: np.ndarray, loss, batch_size: int, seed: int, name: str = ""):
+        self.layout = _layout(loss, batch_size)
         labels = np.asarray(labels, np.int64)
-        self.loss, self.batch_size, self.seed = loss, int(batch_size), int(seed)
-        self.tuples = batch_size // {"npair": 2, "triplet": 3, "contrastive": 4}[loss]
+        self.loss, self.batch_size, self.seed = self.layout.name, int(batch_size), int(seed)
+        self.tuples = self.layout.tuples(batch_size)
         present, counts = np.unique(labels, return_counts=True)
         order = np.argsort(labels, kind="stable")
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -86,11 +89,12 @@ class TupleSampler:
         if singles:
             log.warning("%s%d of %d classes have a single image and are left out of anchor sampling",
                         where, singles, len(present))
-        if len(eligible) < self.tuples:
-            raise DataError(f"{where}batch_size={batch_size} ({loss}) needs {self.tuples} distinct classes with "
-                            f">= 2 images, but only {len(eligible)} have; use a smaller batch_size")
-        if loss != "npair" and len(present) < 2:
-            raise DataError(f"{where}{loss} batches need negatives from a second class; found 1 class")
+        need_eligible, need_present = self.layout.min_classes(self.tuples)
+        if len(eligible) < need_eligible:
+            raise DataError(f"{where}batch_size={batch_size} ({self.loss}) needs {need_eligible} distinct classes "
+                            f"with >= 2 images, but only {len(eligible)} have; use a smaller batch_size")
+        if len(present) < need_present:
+            raise DataError(f"{where}{self.loss} batches need {need_present} classes; found {len(present)}")
         self.num_eligible = len(eligible)
         self._order = tf.constant(order, tf.int64)
         self._offsets = tf.constant(offsets, tf.int64)
@@ -104,49 +108,53 @@ class TupleSampler:
 
     def indices(self, step: tf.Tensor) -> tf.Tensor:
         """Rows of batch `step` in the loss's tuple layout: int64 [B] (graph ops only)."""
-        seeds = tf.random.experimental.stateless_split(self.step_seed(step), 5)
-        n = self.tuples
-        # n distinct anchor classes: the first n of a random permutation of the eligible classes.
-        keys = tf.random.stateless_uniform(tf.shape(self._eligible), seeds[0])
-        anchor_class = tf.gather(self._eligible, tf.argsort(keys)[:n])           # [n] positions in `present`
-        first, second = self._two_distinct(anchor_class, seeds[1])                # [n], [n]
-        if self.loss == "npair":
-            return tf.concat([first, second], 0)
-        if self.loss == "triplet":
-            negative_class = self._other_class(anchor_class, seeds[2])
-            return tf.concat([first, second, self._one_of(negative_class, seeds[3])], 0)
-        left_class = _uniform_int([n], self._num_present, seeds[2])
-        right_class = self._other_class(left_class, seeds[3])
-        left = self._one_of(left_class, seeds[4])
-        right = self._one_of(right_class, tf.random.experimental.stateless_fold_in(seeds[4], 1))
-        return tf.concat([first, second, left, right], 0)
+        return self.layout.sample(self, self.tuples, self.step_seed(step))
 
-    def _two_distinct(self, cls, seed):
-        """Two different rows of each class in `cls` [n] -> int64 [n], [n]."""
-        count = tf.gather(self._counts, cls)
-        draws = tf.random.stateless_uniform([2, tf.size(cls)], seed, minval=None, maxval=None, dtype=tf.int64)
+    # ------------------------------------------------------------------------------ layouts.ClassDraws
+    def distinct_classes(self, n, seed):
+        # n distinct anchor classes: the first n of a random permutation of the eligible classes.
+        keys = tf.random.stateless_uniform(tf.shape(self._eligible), seed)
+        return tf.gather(self._eligible, tf.argsort(keys)[:n])
+
+    def two_rows(self, classes, seed):
+        count = tf.gather(self._counts, classes)
+        draws = tf.random.stateless_uniform([2, tf.size(classes)], seed, minval=None, maxval=None, dtype=tf.int64)
         a = tf.math.floormod(draws[0], count)
         b = tf.math.floormod(a + 1 + tf.math.floormod(draws[1], count - 1), count)  # any row but a
-        base = tf.gather(self._offsets, cls)
+        base = tf.gather(self._offsets, classes)
         return tf.gather(self._order, base + a), tf.gather(self._order, base + b)
 
-    def _one_of(self, cls, seed):
-        """One row of each class in `cls` [n] -> int64 [n]."""
-        count = tf.gather(self._counts, cls)
-        pick = _uniform_int(tf.shape(cls), count, seed)
-        return tf.gather(self._order, tf.gather(self._offsets, cls) + pick)
+    def one_row(self, classes, seed):
+        count = tf.gather(self._counts, classes)
+        pick = _uniform_int(tf.shape(classes), count, seed)
+        return tf.gather(self._order, tf.gather(self._offsets, classes) + pick)
 
-    def _other_class(self, cls, seed):
-        """For each class in `cls` [n], a class drawn uniformly among the other present classes."""
-        shift = 1 + _uniform_int(tf.shape(cls), self._num_present - 1, seed)
-        return tf.math.floormod(cls + shift, self._num_present)
+    def other_classes(self, classes, seed):
+        shift = 1 + _uniform_int(tf.shape(classes), self._num_present - 1, seed)
+        return tf.math.floormod(classes + shift, self._num_present)
+
+    def any_classes(self, n, seed):
+        return _uniform_int([n], self._num_present, seed)
 
 
-def _check_layout(loss: str, batch_size: int) -> None:
-    """Raises ConfigError (one line) for an unknown loss or a batch size that does not fit its layout."""
-    if loss not in LOSSES:
-        raise ConfigError(f"loss={loss!r} is unknown; expected one of {', '.join(LOSSES)}")
-    HDMLConfig(loss=loss).check_batch_size(batch_size)
+def example_labels(loss, batch_size: int, num_classes: int, seed: int = 0, step: int = 0) -> np.ndarray:
+    """Labels int32 [B] of a well-formed batch in the layout of `loss`, as the sampler draws batch `step` from
+    `num_classes` classes of two images each (for tests and benchmarks that feed random images).
+
+    Raises:
+      ConfigError / DataError: as TupleSampler (e.g. fewer classes than the batch's tuples).
+    """
+    pool = np.repeat(np.arange(num_classes), 2)
+    rows = TupleSampler(pool, loss, batch_size, seed).indices(tf.constant(step, tf.int64))
+    return pool[rows.numpy()].astype(np.int32)
+
+
+def _layout(loss, batch_size: int) -> layouts.Layout:
+    """The Layout of `loss` (a name or a Layout); ConfigError (one line) for an unknown loss or a batch size that
+    does not fit it."""
+    layout = loss if isinstance(loss, layouts.Layout) else layouts.get(loss)
+    layout.check_batch_size(batch_size)
+    return layout
 
 
 def _uniform_int(shape, upper, seed):
@@ -333,7 +341,7 @@ def make_train_dataset(image_set: ImageSet, loss: str, batch_size: int, augment:
     """
     if start_step < 0 or (steps_per_epoch is not None and steps_per_epoch <= 0):
         raise ConfigError(f"start_step={start_step} must be >= 0 and steps_per_epoch={steps_per_epoch} > 0")
-    _check_layout(loss, batch_size)
+    _layout(loss, batch_size)
     source = _source(image_set, augment, cache, check_images, strict_images, verbose)
     sampler = TupleSampler(source.image_set.labels, loss, batch_size, seed, name=source.image_set.name)
     labels = tf.constant(source.image_set.labels, tf.int32)
