@@ -1,72 +1,94 @@
-"""Plain configuration objects passed from the tools into the library.
+"""The configuration of a run, written once: three frozen dataclasses whose fields carry their default and help.
 
-The library never reads command-line flags: `tools/*.py` parse absl flags, build one of these frozen
-dataclasses and hand it down. Every field has the paper's / official code's default (Cars196 N-pair,
-main_npair.py + FLAGS.py of github wzzheng/HDML) so `HDMLConfig()` is the paper's method.
+The library never reads command-line flags. The tools derive one flag per field from these dataclasses (name, type,
+default, help and choices all come from here: `tools/common_flags.py`), parse `--flagfile=configs/...` and hand the
+dataclasses down. A default changed here is the command line's default too.
+
+- `HDMLConfig`: the method (what the model computes). `HDMLConfig()` is the paper's method with the official
+  Cars196 N-pair values (main_npair.py + FLAGS.py of github wzzheng/HDML).
+- `OptimConfig`: the three Adam optimizers and the learning-rate schedule.
+- `RunConfig`: what to train on, for how long, where results go, and how (devices, precision, checkpoints).
+
+Each field's help text (`help(name)`, or the `metadata` of `dataclasses.fields(...)`) is its documentation.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+import os
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 from hdml_tf.errors import ConfigError
 
-__all__ = ["ConfigError", "HDMLConfig", "OptimConfig"]
+__all__ = ["ConfigError", "HDMLConfig", "OptimConfig", "RunConfig", "option", "field_help", "choices_of"]
+
+Choices = Union[Sequence[str], Callable[[], Sequence[str]], None]
+
+
+def option(default, help: str, *, choices: Choices = None, flag: Optional[str] = None):
+    """A dataclass field with its command-line documentation.
+
+    Args:
+      default: the default value (immutable).
+      help: one or two sentences; the tools print it in `--help` and it is the field's documentation.
+      choices: allowed string values, or a callable returning them (a registry's `names`), for `--flag` enums.
+      flag: the flag's name when it differs from the field's (e.g. `lr_decay_steps` for `decay_steps`).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+def field_help(cls, name: str) -> str:
+    """The help text of field `name` of a config class."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]
+
+
+def _layout_names():
+    from hdml_tf import layouts
+    return layouts.names()
+
+
+def _dataset_names():
+    from hdml_tf.data import datasets
+    return datasets.names()
+
+
+def _backbone_names():
+    from hdml_tf.backbones import BACKBONES
+    return tuple(BACKBONES)
 
 
 @dataclasses.dataclass(frozen=True)
 class HDMLConfig:
-    """Hyper-parameters of the method (what the model computes, not how long it trains).
+    """Hyper-parameters of the method (what the model computes, not how long it trains)."""
 
-    Attributes:
-      loss: metric loss J_m and with it the batch's tuple layout: a name of `hdml_tf.layouts` ("npair",
-        "triplet", "contrastive", or one registered there).
-      embedding_size: size of z (official: 128 Cars196, 256 CUB-200).
-      hdml: False gives the plain baseline (same backbone, loss, data and schedule).
-      alpha: α of the hardness-aware augmentation, e^(−α/J_avg) (paper eq. 8; official 90).
-      beta: β of the synthetic weight 1 − e^(−β/J_gen) (paper eq. 15; 1e4 Cars196, 5e3 CUB).
-      gen_lambda: λ trading J_recon against J_soft in J_gen (official 0.5).
-      softmax_factor: the official code multiplies J_soft by 1e4.
-      npair_l2: L2 penalty on N-pair embeddings (official 3e-3 Cars196, 1.5e-2 CUB).
-      weight_decay: L2 weight decay (Σ v²/2) on backbone and metric-head kernels and biases
-        (official `Regular_factor`: 5e-3 Cars196, 1e-3 CUB). It is part of J_m as in main_npair.py.
-      triplet_margin: margin of the triplet loss on squared distances (official 1.0).
-      contrastive_margin: margin of the contrastive loss on squared distances (official 1.0).
-      window: steps per window of the running means J_avg / J_gen (official data_collector: 64).
-      running_init: value of the running means before the first window closes (official 1e6).
-      generator_hidden: width of the generator's hidden layer (official 512).
-      skip_nonfinite: a step whose loss or gradient is NaN/Inf applies no update (official code
-        zeroes a NaN loss; we leave weights and optimizer state untouched).
-    """
-
-    loss: str = "npair"
-    embedding_size: int = 128
-    hdml: bool = True
-    alpha: float = 90.0
-    beta: float = 1e4
-    gen_lambda: float = 0.5
-    softmax_factor: float = 1e4
-    npair_l2: float = 3e-3
-    weight_decay: float = 5e-3
-    triplet_margin: float = 1.0
-    contrastive_margin: float = 1.0
-    window: int = 64
-    running_init: float = 1e6
-    generator_hidden: int = 512
-    skip_nonfinite: bool = True
+    loss: str = option("npair", "Metric loss J_m, and with it the batch's tuple layout (hdml_tf.layouts).",
+                       choices=_layout_names)
+    embedding_size: int = option(128, "Size of the embedding z (official: 128 Cars196, 256 CUB-200).")
+    hdml: bool = option(True, "Apply HDML; false trains the plain baseline with the same everything else.")
+    alpha: float = option(90.0, "alpha of the pull factor exp(-alpha/J_avg) of the hardness-aware augmentation "
+                                "(paper eq. 8; official 90).")
+    beta: float = option(1e4, "beta of the synthetic weight 1 - exp(-beta/J_gen) (paper eq. 15; 1e4 Cars196, 5e3 "
+                              "CUB).")
+    gen_lambda: float = option(0.5, "lambda trading J_recon against J_soft in J_gen (official 0.5).")
+    softmax_factor: float = option(1e4, "Factor of J_soft (the official code multiplies it by 1e4).")
+    npair_l2: float = option(3e-3, "L2 penalty on the N-pair embeddings (official 3e-3 Cars196, 1.5e-2 CUB).")
+    weight_decay: float = option(5e-3, "L2 weight decay (sum v^2/2) of backbone and metric-head kernels and biases, "
+                                       "part of J_m as in main_npair.py (official 5e-3 Cars196, 1e-3 CUB).")
+    triplet_margin: float = option(1.0, "Margin of the triplet loss on squared distances (official 1.0).")
+    contrastive_margin: float = option(1.0, "Margin of the contrastive loss on squared distances (official 1.0).")
+    window: int = option(64, "Steps per window of the running means J_avg and J_gen (official data_collector: 64).")
+    running_init: float = option(1e6, "Value of the running means before their first window closes (official "
+                                      "1e6).")
+    generator_hidden: int = option(512, "Width of the generator's hidden layer (official 512).")
+    skip_nonfinite: bool = option(True, "A step whose loss or gradient is NaN/Inf applies no update (the official "
+                                        "code zeroes a NaN loss; here weights and optimizer state stay untouched).")
 
     def __post_init__(self):
         self.layout()  # raises ConfigError for an unknown loss
-        _positive("embedding_size", self.embedding_size)
-        _positive("alpha", self.alpha)
-        _positive("beta", self.beta)
-        _positive("window", self.window)
-        _positive("running_init", self.running_init)
-        _positive("generator_hidden", self.generator_hidden)
+        for name in ("embedding_size", "alpha", "beta", "window", "running_init", "generator_hidden"):
+            _positive(name, getattr(self, name))
         if not 0.0 <= self.gen_lambda <= 1.0:
             raise ConfigError(f"gen_lambda={self.gen_lambda} must lie in [0, 1]")
-        for name in ("softmax_factor", "npair_l2", "weight_decay", "triplet_margin",
-                     "contrastive_margin"):
+        for name in ("softmax_factor", "npair_l2", "weight_decay", "triplet_margin", "contrastive_margin"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
 
@@ -78,28 +100,165 @@ class HDMLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Optimizers and schedule (official Cars196 defaults, main_npair.py).
+    """Optimizers and schedule (official Cars196 defaults, main_npair.py)."""
 
-    Attributes:
-      learning_rate: Adam lr of backbone + metric head (J_metric).
-      generator_learning_rate: Adam lr of the generator (J_gen).
-      classifier_learning_rate: Adam lr of the softmax classifier (J_ce).
-      decay_steps: steps at which the backbone lr is multiplied by decay_factor.
-      decay_factor: multiplier applied at each of decay_steps (official 0.5).
-    """
-
-    learning_rate: float = 7e-5
-    generator_learning_rate: float = 1e-2
-    classifier_learning_rate: float = 1e-3
-    decay_steps: Tuple[int, ...] = (5632, 6848)
-    decay_factor: float = 0.5
+    learning_rate: float = option(7e-5, "Adam learning rate of backbone + metric head, J_metric (7e-5 Cars196, "
+                                        "6e-5 CUB).")
+    generator_learning_rate: float = option(1e-2, "Adam learning rate of the generator, J_gen.")
+    classifier_learning_rate: float = option(1e-3, "Adam learning rate of the softmax classifier, J_ce.")
+    decay_steps: Tuple[int, ...] = option((5632, 6848), "Steps at which the metric learning rate is multiplied by "
+                                                        "--lr_decay_factor.", flag="lr_decay_steps")
+    decay_factor: float = option(0.5, "Learning-rate multiplier at each decay step (official 0.5).",
+                                 flag="lr_decay_factor")
 
     def __post_init__(self):
-        for name in ("learning_rate", "generator_learning_rate", "classifier_learning_rate",
-                     "decay_factor"):
+        for name in ("learning_rate", "generator_learning_rate", "classifier_learning_rate", "decay_factor"):
             _positive(name, getattr(self, name))
         if list(self.decay_steps) != sorted(self.decay_steps) or any(s <= 0 for s in self.decay_steps):
             raise ConfigError(f"decay_steps={self.decay_steps} must be positive and increasing")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What to train on and for how long, where results go, and on what (the method itself is HDMLConfig)."""
+
+    # What to train on
+    dataset: str = option("glyphs", "Data set (hdml_tf.data.datasets); glyphs and digits ship with the installed "
+                                    "packages.", choices=_dataset_names)
+    data_dir: Optional[str] = option(None, "Where a photo data set is unpacked, in its official layout.")
+    cache: Optional[str] = option(None, "Cache decoded images: 'memory' or a directory.")
+    strict_images: bool = option(False, "Stop at the first unreadable image instead of skipping and listing it.")
+    # Network and images
+    backbone: str = option("inception_v1_slim", "Backbone network.", choices=_backbone_names)
+    weights: Optional[str] = option(None, "ImageNet weights for the backbone (TF-Slim .ckpt, Caffe .mat, Keras "
+                                          ".h5); none trains from random initialization.")
+    caffe_lrn: bool = option(False, "Caffe's own LRN instead of the official HDML code's (inception_v1_caffe).")
+    image_size: int = option(0, "Crop fed to the backbone; 0: 64 for the embedded data sets, else the backbone's "
+                                "ImageNet size (227 Caffe, 224 slim / ResNet-50).")
+    resize: int = option(0, "Side of the square every image is squashed to before cropping; 0: the crop itself for "
+                            "the embedded sets, the official 256/227 (or 256/224) proportion for photos.")
+    flip: Optional[bool] = option(None, "Random horizontal flips in training; unset: on for photos, off for glyphs "
+                                        "and digits (a mirrored letter is another class).")
+    # Schedule
+    batch_size: int = option(128, "Global batch size, a whole number (>= 2) of the loss's tuples.")
+    steps: int = option(8000, "Training steps.")
+    steps_per_epoch: int = option(500, "Steps per Keras epoch (logs, curves, evaluation granularity).")
+    # Evaluation
+    eval_every_epochs: int = option(0, "Evaluate every k epochs during training (0: only at the end): the test "
+                                       "classes, or the validation classes with --validation_fraction; keeps the "
+                                       "best checkpoint by --monitor and reports it next to the last one.")
+    validation_fraction: float = option(0.0, "Hold out this share of the TRAINING classes for model selection (the "
+                                             "fair protocol; the test classes are then only scored at the end). "
+                                             "Needs --eval_every_epochs.")
+    monitor: str = option("recall@1", "Metric selecting the best checkpoint (recall@K, nmi, f1, map@r, "
+                                      "r_precision; higher is better).")
+    eval_batch_size: int = option(64, "Batch size when embedding for evaluation.")
+    recall_ks: Tuple[int, ...] = option((), "K of Recall@K (empty: the data set's own list).")
+    seed: int = option(0, "Seeds sampling, augmentation and initialization.")
+    output_dir: str = option("runs/default", "Where results, histories, plots and weights go.")
+    verbose: int = option(1, "Keras verbosity (1 progress bar, 2 one line per epoch, 0 silent).")
+    # Fault tolerance
+    checkpoint_dir: Optional[str] = option(None, "Checkpoint directory; the same command run again resumes from "
+                                                 "its newest readable checkpoint (model, optimizers, running means, "
+                                                 "step, sampler).")
+    checkpoint_every: int = option(500, "Steps between checkpoints (0: only at the end and on SIGTERM).")
+    keep_checkpoints: int = option(3, "Newest checkpoints kept.")
+    deterministic: bool = option(False, "Seeds + TensorFlow op determinism: equal runs, and interrupted-and-resumed "
+                                        "runs, give equal weights (slower on GPU).")
+    max_bad_steps: int = option(20, "Stop after this many consecutive steps with a NaN/Inf loss or gradient (each "
+                                    "one is skipped); 0: never stop.")
+    # Devices
+    strategy: str = option("default", "default: one device; mirrored: every GPU of this machine; multi_worker: "
+                                      "every GPU of every machine in TF_CONFIG (run the same command on each). "
+                                      "--batch_size stays the global batch the losses see.",
+                           choices=lambda: _distribute().STRATEGIES)
+    mixed_precision: str = option("float32", "Compute precision of the backbone (float16: dynamic loss scaling on "
+                                             "all three optimizers); metric head, generator, classifier and losses "
+                                             "stay float32.", choices=lambda: _distribute().PRECISIONS)
+    jit_compile: str = option("auto", "XLA-compile the train step; auto: on with a GPU, off on a CPU (where it "
+                                      "measured slower).", choices=("auto", "true", "false"))
+
+    def __post_init__(self):
+        from hdml_tf.backbones import BACKBONES
+        from hdml_tf.data import datasets
+        spec = datasets.get(self.dataset)
+        if not spec.embedded:
+            if not self.data_dir:
+                raise ConfigError(f"dataset={self.dataset} needs --data_dir (where its archive is unpacked)")
+            if not os.path.isdir(self.data_dir):
+                raise ConfigError(f"data_dir={self.data_dir} is not a directory")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone={self.backbone!r} is unknown; expected one of {', '.join(BACKBONES)}")
+        if self.weights and self.weights != "imagenet" and not os.path.exists(self.weights) and not (
+                os.path.exists(self.weights + ".index")):
+            raise ConfigError(f"weights={self.weights} does not exist")
+        for name in ("steps", "steps_per_epoch", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        if self.image_size and self.image_size < 32:
+            raise ConfigError(f"image_size={self.image_size} must be >= 32 (or 0 for the default)")
+        if any(k <= 0 for k in self.recall_ks):
+            raise ConfigError(f"recall_ks={self.recall_ks} must be positive")
+        for name, low in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_bad_steps", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= {low}")
+        for name in ("strategy", "mixed_precision", "jit_compile"):
+            choices = choices_of(_field(RunConfig, name))
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is unknown; expected one of {', '.join(choices)}")
+        self._check_selection()
+
+    def _check_selection(self) -> None:
+        if self.eval_every_epochs < 0:
+            raise ConfigError(f"eval_every_epochs={self.eval_every_epochs} must be >= 0")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"validation_fraction={self.validation_fraction} must lie in [0, 1)")
+        if self.validation_fraction > 0 and self.eval_every_epochs <= 0:
+            raise ConfigError(f"validation_fraction={self.validation_fraction} selects a checkpoint on the "
+                              "validation classes; it needs eval_every_epochs > 0")
+        choices = ["nmi", "f1", "map@r", "r_precision"] + [f"recall@{k}" for k in self.ks()]
+        if self.monitor_key not in choices:
+            raise ConfigError(f"monitor={self.monitor!r} is not computed; choose one of {', '.join(choices)}")
+
+    @property
+    def embedded(self) -> bool:
+        """True for the data sets that ship with the installed packages."""
+        from hdml_tf.data import datasets
+        return datasets.get(self.dataset).embedded
+
+    @property
+    def monitor_key(self) -> str:
+        """`monitor` without a "val_" prefix."""
+        return self.monitor[len("val_"):] if self.monitor.startswith("val_") else self.monitor
+
+    def augment(self):
+        """The run's image geometry, `hdml_tf.data.images.Augment(resize, crop, flip)` (`datasets.geometry`)."""
+        from hdml_tf.data import datasets
+        return datasets.geometry(self.dataset, self.backbone, self.image_size, self.resize, self.flip)
+
+    def crop_size(self) -> int:
+        """Side of the crop fed to the backbone."""
+        return self.augment().crop
+
+    def ks(self) -> Tuple[int, ...]:
+        """K of Recall@K: `recall_ks`, or the data set's own list."""
+        from hdml_tf.data import datasets
+        return tuple(self.recall_ks) or datasets.recall_ks(self.dataset)
+
+
+def choices_of(field: dataclasses.Field) -> Optional[Tuple[str, ...]]:
+    """The allowed values of a field (its `choices`, called if it is a registry's `names`), or None."""
+    choices = field.metadata.get("choices")
+    return tuple(choices() if callable(choices) else choices) if choices is not None else None
+
+
+def _distribute():
+    from hdml_tf import distribute
+    return distribute
+
+
+def _field(cls, name: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(cls)}[name]
 
 
 def _positive(name, value):

@@ -9,7 +9,6 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -17,189 +16,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig
+from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig, RunConfig
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.evaluation.metrics import format_results
 
 log = logging.getLogger(__name__)
 
-#: Data sets whose images ship with the installed packages (no --data_dir).
-EMBEDDED = ("glyphs", "digits")
-PHOTO_DATASETS = ("cub200", "cars196", "sop", "folder")
-#: Recall@K reported per data set (paper: 1,2,4,8 for CUB/Cars, 1,10,100 for SOP; plus larger K where they fit).
-DEFAULT_RECALL_KS = {"sop": (1, 10, 100, 1000)}
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """What to train on and for how long (the method itself is HDMLConfig).
-
-    Attributes:
-      dataset: "glyphs" (default, embedded), "digits" (embedded), "cub200", "cars196", "sop" or "folder".
-      data_dir: where a photo data set is unpacked (not used by the embedded ones).
-      backbone: "inception_v1_slim", "inception_v1_caffe" or "resnet50".
-      image_size: crop fed to the backbone; 0 = 64 for the embedded sets, else the backbone's (227 / 224).
-      resize: side of the square images are resized to before cropping; 0 = image_size for the embedded sets,
-        256 for photos (official).
-      flip: random horizontal flips; None = on for photos, off for glyphs/digits (mirrored letters are other
-        classes).
-      weights: ImageNet weights file for the backbone (None trains from scratch).
-      caffe_lrn: Caffe's own LRN instead of the official code's (inception_v1_caffe only).
-      batch_size: global batch in the tuple layout of the loss.
-      steps: optimizer steps.
-      steps_per_epoch: steps per Keras epoch (progress bar, logs, evaluation granularity).
-      eval_every_epochs: evaluate every k epochs during training (0: only at the end) with
-        `hdml_tf.evaluation.EvaluationCallback`: the test classes, or the validation classes with
-        `validation_fraction`; `val_*` metrics in the Keras logs, eval_<variant>.csv and the best weights by
-        `monitor` (<variant>.best.weights.h5); the last and the selected checkpoint are both scored on the test classes.
-      validation_fraction: > 0 holds this share of the TRAINING classes out as a validation split for model
-        selection (`split_validation_classes`, the fair protocol); the test classes are then only scored at the
-        end. Needs eval_every_epochs > 0.
-      monitor: metric that selects the best checkpoint ("recall@1", "nmi", "map@r", ...; a "val_" prefix is
-        accepted); higher is better.
-      eval_batch_size: rows per batch when embedding.
-      recall_ks: K of Recall@K (empty: per data set default).
-      seed: seeds sampling, augmentation and initialization.
-      output_dir: results.json, history.csv, curves.png, the trained weights.
-      cache: None, "memory" or a directory for decoded images (photo data sets).
-      strict_images: an unreadable image stops the run instead of being skipped and reported.
-      verbose: Keras verbosity (1 = progress bar).
-      checkpoint_dir: where training checkpoints go (one sub-directory per variant, "hdml" / "baseline"); a run
-        started again with the same checkpoint_dir resumes from the newest readable checkpoint. None: no
-        checkpoints, no resume.
-      checkpoint_every: steps between checkpoints (0: only at the end and on SIGTERM).
-      keep_checkpoints: newest checkpoints kept per variant.
-      deterministic: seeds everything and enables TensorFlow op determinism: equal runs give equal weights,
-        and so does a run interrupted and resumed (slower on GPU).
-      max_bad_steps: training stops after this many consecutive steps with a NaN/Inf loss or gradient (each is
-        skipped: no update); 0: never stop.
-      strategy: "default" (one device), "mirrored" (every GPU of this machine) or "multi_worker" (every GPU of
-        every machine listed in TF_CONFIG). batch_size stays the GLOBAL batch: losses and synthesis see all of it
-        (hdml_tf/distribute.py); it must split evenly over the replicas.
-      mixed_precision: "float32", "float16" (dynamic loss scaling on all three optimizers) or "bfloat16" compute
-        for the backbone; metric head, generator, classifier, losses, distances and synthesis stay float32.
-    """
-
-    dataset: str = "glyphs"
-    data_dir: Optional[str] = None
-    backbone: str = "inception_v1_slim"
-    image_size: int = 0
-    resize: int = 0
-    flip: Optional[bool] = None
-    weights: Optional[str] = None
-    caffe_lrn: bool = False
-    batch_size: int = 128
-    steps: int = 8000
-    steps_per_epoch: int = 500
-    eval_every_epochs: int = 0
-    validation_fraction: float = 0.0
-    monitor: str = "recall@1"
-    eval_batch_size: int = 64
-    recall_ks: Tuple[int, ...] = ()
-    seed: int = 0
-    output_dir: str = "runs/default"
-    cache: Optional[str] = None
-    strict_images: bool = False
-    verbose: int = 1
-    checkpoint_dir: Optional[str] = None
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    deterministic: bool = False
-    max_bad_steps: int = 20
-    strategy: str = "default"
-    mixed_precision: str = "float32"
-    jit_compile: str = "auto"
-
-    def __post_init__(self):
-        from hdml_tf.backbones import BACKBONES
-        if self.dataset not in EMBEDDED + PHOTO_DATASETS:
-            raise ConfigError(f"dataset={self.dataset!r} is unknown; expected one of "
-                              f"{', '.join(EMBEDDED + PHOTO_DATASETS)}")
-        if self.dataset in PHOTO_DATASETS and not self.data_dir:
-            raise ConfigError(f"dataset={self.dataset} needs --data_dir (where its archive is unpacked)")
-        if self.data_dir and self.dataset in PHOTO_DATASETS and not os.path.isdir(self.data_dir):
-            raise ConfigError(f"data_dir={self.data_dir} is not a directory")
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"backbone={self.backbone!r} is unknown; expected one of {', '.join(BACKBONES)}")
-        if self.weights and self.weights != "imagenet" and not os.path.exists(self.weights) and not (
-                os.path.exists(self.weights + ".index")):
-            raise ConfigError(f"weights={self.weights} does not exist")
-        for name in ("steps", "steps_per_epoch", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
-        if self.image_size and self.image_size < 32:
-            raise ConfigError(f"image_size={self.image_size} must be >= 32 (or 0 for the default)")
-        if any(k <= 0 for k in self.recall_ks):
-            raise ConfigError(f"recall_ks={self.recall_ks} must be positive")
-        _check_fault_tolerance(self)
-        _check_distribution(self)
-        _check_selection(self)
-
-    @property
-    def embedded(self) -> bool:
-        return self.dataset in EMBEDDED
-
-    def crop_size(self) -> int:
-        from hdml_tf.backbones import default_image_size
-        return self.image_size or (64 if self.embedded else default_image_size(self.backbone))
-
-    def augment(self):
-        from hdml_tf.data.images import Augment
-        crop = self.crop_size()
-        resize = self.resize or (crop if self.embedded else max(256, crop))
-        flip = (not self.embedded) if self.flip is None else self.flip
-        return Augment(resize=resize, crop=crop, flip=flip)
-
-    def ks(self) -> Tuple[int, ...]:
-        return tuple(self.recall_ks) or DEFAULT_RECALL_KS.get(self.dataset, (1, 2, 4, 8))
-
-
-def _check_fault_tolerance(run: RunConfig) -> None:
-    """Validates the checkpoint / determinism / NaN-guard fields of a RunConfig."""
-    for name, low in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_bad_steps", 0)):
-        if getattr(run, name) < low:
-            raise ConfigError(f"{name}={getattr(run, name)} must be >= {low}")
-
-
-def _check_selection(run: RunConfig) -> None:
-    """Validates eval_every_epochs / validation_fraction / monitor."""
-    if run.eval_every_epochs < 0:
-        raise ConfigError(f"eval_every_epochs={run.eval_every_epochs} must be >= 0")
-    if not 0.0 <= run.validation_fraction < 1.0:
-        raise ConfigError(f"validation_fraction={run.validation_fraction} must lie in [0, 1)")
-    if run.validation_fraction > 0 and run.eval_every_epochs <= 0:
-        raise ConfigError(f"validation_fraction={run.validation_fraction} selects a checkpoint on the validation "
-                          "classes; it needs eval_every_epochs > 0")
-    choices = ["nmi", "f1", "map@r", "r_precision"] + [f"recall@{k}" for k in run.ks()]
-    if _monitor_key(run.monitor) not in choices:
-        raise ConfigError(f"monitor={run.monitor!r} is not computed; choose one of {', '.join(choices)}")
-
-
-def _monitor_key(monitor: str) -> str:
-    return monitor[len("val_"):] if monitor.startswith("val_") else monitor
-
-
-def _check_distribution(run: RunConfig) -> None:
-    """Validates the strategy / mixed_precision fields of a RunConfig."""
-    from hdml_tf.distribute import PRECISIONS, STRATEGIES
-    if run.strategy not in STRATEGIES:
-        raise ConfigError(f"strategy={run.strategy!r} is unknown; expected one of {', '.join(STRATEGIES)}")
-    if run.mixed_precision not in PRECISIONS:
-        raise ConfigError(f"mixed_precision={run.mixed_precision!r} is unknown; expected one of "
-                          f"{', '.join(PRECISIONS)}")
-
 
 # ------------------------------------------------------------------------------------------------ data
 def load_splits(run: RunConfig) -> Tuple[ImageSet, ImageSet]:
-    """(train, test) ImageSets of the zero-shot split (test classes unseen in training)."""
-    if run.dataset == "glyphs":
-        from hdml_tf.data.glyphs import load_glyphs
-        return tuple(load_glyphs(image_size=run.resize or run.crop_size(), seed=run.seed))
-    if run.dataset == "digits":
-        from hdml_tf.data.digits import load_digits
-        return tuple(load_digits(image_size=run.resize or run.crop_size(), seed=run.seed))
-    from hdml_tf.data.readers import read_dataset
-    splits = read_dataset(run.dataset, run.data_dir)
+    """(train, test) ImageSets of the zero-shot split (test classes unseen in training); a photo set's count check
+    against the official numbers is logged (a warning for a partial copy)."""
+    from hdml_tf.data import datasets
+    splits = datasets.get(run.dataset).load(run.data_dir, image_size=run.augment().resize, seed=run.seed)
     report = getattr(splits, "report", None)
     if report is not None:
         (log.warning if report.partial else log.info)(report.summary())
@@ -486,7 +315,7 @@ def _evaluation_callback(run: RunConfig, name: str, image_set: ImageSet, out: Pa
         return None
     from hdml_tf.evaluation.callback import EvaluationCallback
     ks = _fitting_ks(run.ks(), image_set.labels)
-    monitor = _monitor_key(run.monitor)
+    monitor = run.monitor_key
     if monitor.startswith("recall@") and int(monitor.split("@")[1]) not in ks:
         raise ConfigError(f"monitor={run.monitor!r}: the evaluation split {image_set.name} has only {len(image_set)} "
                           f"images; Recall@K needs K < that")

@@ -20,13 +20,12 @@ import textwrap
 from importlib import resources
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from hdml_tf.config import ConfigError
+from hdml_tf.data import datasets
+from hdml_tf.errors import ConfigError
 
 RESOURCE = "resources/paper_results.csv"
-#: Recall@K the paper reports per data set, in the order of the CSV's r1, r2, r4, r8 columns.
-PAPER_RECALL_KS = {"cub200": (1, 2, 4, 8), "cars196": (1, 2, 4, 8), "sop": (1, 10, 100)}
+#: The CSV's recall columns; which K each holds is the data set's `paper_recall_ks` (hdml_tf.data.datasets).
 _RECALL_COLUMNS = ("r1", "r2", "r4", "r8")
-DATASET_NAMES = {"cub200": "CUB-200-2011", "cars196": "Cars196", "sop": "Stanford Online Products"}
 LOSS_NAMES = {"npair": "N-pair", "triplet": "Triplet"}
 
 
@@ -43,7 +42,7 @@ def _table() -> Tuple[str, Dict[Tuple[str, str], Dict[str, float]]]:
     rows = {}
     for record in csv.DictReader(body):
         dataset, method = record["dataset"], record["method"]
-        ks = PAPER_RECALL_KS[dataset]
+        ks = datasets.get(dataset).paper_recall_ks
         metrics = {"nmi": float(record["nmi"]), "f1": float(record["f1"])}
         for k, column in zip(ks, _RECALL_COLUMNS):
             metrics[f"recall@{k}"] = float(record[column])
@@ -85,10 +84,10 @@ def paper_row(dataset: str, loss: str, hdml: bool) -> Dict[str, float]:
     rows = _table()[1]
     key = (dataset, method_name(loss, hdml))
     if key not in rows:
-        datasets = sorted({d for d, _ in rows})
+        reported = sorted({d for d, _ in rows})
         losses = sorted({m.replace("hdml_", "") for _, m in rows})
         raise ConfigError(f"the paper reports no results for dataset={dataset} loss={loss} (it reports datasets "
-                          f"{', '.join(datasets)} with losses {', '.join(losses)})")
+                          f"{', '.join(reported)} with losses {', '.join(losses)})")
     return dict(rows[key])
 
 
@@ -123,8 +122,9 @@ def side_by_side(results: Mapping, dataset: str, loss: str, hdml: bool, *, digit
     """
     variants = _variants(results, hdml)
     reported = any(has_paper_row(dataset, loss, flag) for flag, _ in variants)
-    if dataset in PAPER_RECALL_KS:
-        ks = PAPER_RECALL_KS[dataset]
+    spec = datasets.find(dataset)
+    if spec is not None and spec.paper_recall_ks:
+        ks = spec.paper_recall_ks
     else:
         ks = sorted({int(k.split("@")[1]) for _, m in variants for k in m if k.startswith("recall@")})
     columns = ["nmi", "f1"] + [f"recall@{k}" for k in ks]
@@ -142,7 +142,7 @@ def side_by_side(results: Mapping, dataset: str, loss: str, hdml: bool, *, digit
                 cells.append(("+" if signed and v >= 0 else "") + fmt.format(v))
         return label.ljust(label_width) + "".join(c.rjust(8) for c in cells)
 
-    title = f"{DATASET_NAMES.get(dataset, dataset)}, {LOSS_NAMES.get(loss, loss)} loss: ours beside the paper (%)"
+    title = f"{spec.title if spec else dataset}, {LOSS_NAMES.get(loss, loss)} loss: ours beside the paper (%)"
     head = "".ljust(label_width) + "".join(h.rjust(8) for h in heads)
     out = [title, head, "-" * len(head)]
     for flag, metrics in variants:

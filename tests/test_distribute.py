@@ -166,7 +166,7 @@ def test_strategy_names_and_tf_config_errors(monkeypatch):
 
 
 def test_run_config_validates_distribution_fields():
-    from hdml_tf.experiment import RunConfig
+    from hdml_tf.config import RunConfig
     with pytest.raises(ConfigError, match="strategy='gpus' is unknown"):
         RunConfig(strategy="gpus")
     with pytest.raises(ConfigError, match="mixed_precision='int8' is unknown"):
@@ -192,7 +192,8 @@ def test_synchronize_batch_norm_reaches_nested_models():
 def test_only_the_chief_writes_into_output_dir():
     from types import SimpleNamespace
 
-    from hdml_tf.experiment import RunConfig, _per_worker_output
+    from hdml_tf.config import RunConfig
+    from hdml_tf.experiment import _per_worker_output
 
     def worker(task_type, index, cluster):
         spec = SimpleNamespace(as_dict=lambda: cluster)

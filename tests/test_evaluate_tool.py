@@ -26,7 +26,8 @@ def _tool(*flags, timeout=180):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from hdml_tf.config import HDMLConfig, OptimConfig
-    from hdml_tf.experiment import RunConfig, run_experiment
+    from hdml_tf.config import RunConfig
+    from hdml_tf.experiment import run_experiment
 
     out = tmp_path_factory.mktemp("run")
     run = RunConfig(dataset="digits", backbone="inception_v1_slim", image_size=32, batch_size=8, steps=2,
@@ -59,7 +60,7 @@ def test_run_reports_last_and_selected_checkpoint(trained):
 
 def test_validation_fraction_needs_periodic_evaluation():
     from hdml_tf.config import ConfigError
-    from hdml_tf.experiment import RunConfig
+    from hdml_tf.config import RunConfig
 
     with pytest.raises(ConfigError, match="eval_every_epochs"):
         RunConfig(dataset="digits", validation_fraction=0.25)

@@ -261,11 +261,13 @@ def test_registry(tmp_path):
     assert train.num_classes == 3
     with pytest.raises(ConfigError, match=r"dataset='mnist' is unknown; expected one of cars196, cub200"):
         readers.read_dataset("mnist", tmp_path)
-    readers.READERS["mine"] = lambda data_dir, **kw: readers.read_image_folder(data_dir, **kw)
+    from hdml_tf.data import datasets
+    datasets.register(datasets.DatasetSpec("mine", "my folder", (1, 2), reader=readers.read_image_folder))
     try:
         assert readers.read_dataset("mine", tmp_path, seed=1).train.class_names == train.class_names
+        assert datasets.get("mine").load(tmp_path, seed=1).train.class_names == train.class_names
     finally:
-        del readers.READERS["mine"]
+        datasets.unregister("mine")
 
 
 # ----------------------------------------------------------------------------------- real CUB subset

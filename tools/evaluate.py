@@ -36,7 +36,6 @@ from absl import app, flags  # noqa: E402
 
 from hdml_tf.errors import HDMLError  # noqa: E402
 
-DATASETS = ("glyphs", "digits", "cub200", "cars196", "sop", "folder")
 
 
 def define_flags():
@@ -45,7 +44,8 @@ def define_flags():
                         "results.json beside it) or a SavedModel directory (tools/export.py).")
     flags.DEFINE_enum("variant", "auto", ["auto", "hdml", "baseline"], "Which network of a run directory (auto: "
                       "hdml when present).")
-    flags.DEFINE_string("dataset", None, f"Data set ({', '.join(DATASETS)}); default: the run's.")
+    from hdml_tf.data import datasets
+    flags.DEFINE_string("dataset", None, f"Data set ({', '.join(datasets.names())}); default: the run's.")
     flags.DEFINE_string("data_dir", None, "Where a photo data set is unpacked; default: the run's.")
     flags.DEFINE_enum("split", "test", ["test", "train"], "Which split: test (the unseen classes, as the paper) or "
                       "train.")
@@ -131,14 +131,12 @@ def _load_saved_model(path: str, image_size: int, resize: int) -> LoadedModel:
 # ------------------------------------------------------------------------------------------------ data
 def resolve_data(source: str, run: dict, dataset=None, data_dir=None):
     """(dataset, data_dir): the flags, else the training run's; checked before the model is loaded."""
-    from hdml_tf.experiment import EMBEDDED
+    from hdml_tf.data import datasets
 
     dataset = dataset or run.get("dataset")
     if not dataset:
         raise HDMLError(f"{source} carries no training run (results.json); pass --dataset (and --data_dir)")
-    if dataset not in DATASETS:
-        raise HDMLError(f"dataset={dataset!r} is unknown; expected one of {', '.join(DATASETS)}")
-    if dataset in EMBEDDED:
+    if datasets.get(dataset).embedded:
         return dataset, None
     if not data_dir:
         data_dir = run.get("data_dir") if run.get("dataset") == dataset else None
@@ -159,14 +157,14 @@ def _run_of(path: str, variant: str) -> dict:
 
 def data_config(loaded: LoadedModel, dataset=None, data_dir=None, batch_size=64, recall_ks=()):
     """The RunConfig that loads and prepares the split (data set and directory default to the training run's)."""
-    from hdml_tf.experiment import EMBEDDED, RunConfig
+    from hdml_tf.config import RunConfig
 
     dataset, data_dir = resolve_data(loaded.source, loaded.run, dataset, data_dir)
     ks = tuple(recall_ks) or (tuple(loaded.run.get("recall_ks") or ()) if loaded.run.get("dataset") == dataset
                               else ())
     # The crop is what the model takes; a SavedModel gets the resized images and crops them itself.
     crop = loaded.resize if loaded.crop_in_graph else loaded.image_size
-    return RunConfig(dataset=dataset, data_dir=data_dir if dataset not in EMBEDDED else None,
+    return RunConfig(dataset=dataset, data_dir=data_dir,
                      image_size=max(crop, 32), resize=loaded.resize, flip=False, eval_batch_size=batch_size,
                      recall_ks=ks, seed=int(loaded.run.get("seed", 0)), verbose=0)
 

@@ -105,9 +105,10 @@ def _with_run(path: str) -> Checkpoint:
 
 def _run_geometry(run: dict):
     """(backbone, crop, resize) of a training run, by the training tool's own rules (RunConfig.augment)."""
-    from hdml_tf.experiment import EMBEDDED, RunConfig
+    from hdml_tf.config import RunConfig
+    from hdml_tf.data import datasets
     dataset = run.get("dataset", "glyphs")
-    probe = RunConfig(dataset=dataset, data_dir=None if dataset in EMBEDDED else ".",
+    probe = RunConfig(dataset=dataset, data_dir=None if datasets.get(dataset).embedded else ".",
                       backbone=run.get("backbone", "inception_v1_slim"), image_size=int(run.get("image_size", 0)),
                       resize=int(run.get("resize", 0)))
     augment = probe.augment()

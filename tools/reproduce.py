@@ -27,8 +27,7 @@ from absl import app  # noqa: E402
 
 import common_flags  # noqa: E402
 
-common_flags.define_training_flags(
-    {"dataset": "glyphs", "steps": 8000, "batch_size": 128, "steps_per_epoch": 500})
+common_flags.define_training_flags()
 
 #: The paper's training set-up (Sec. 4.1 and the official code); a run that differs is reported as such.
 PAPER_SETUP = {"backbone": "inception_v1_caffe", "image_size": 227, "resize": 256, "steps": 8000,
@@ -37,9 +36,9 @@ PAPER_SETUP = {"backbone": "inception_v1_caffe", "image_size": 227, "resize": 25
 
 def deviations(run, hdml) -> list:
     """Human-readable list of the ways `run` differs from the paper's set-up (empty for a faithful run)."""
-    from hdml_tf.paper import PAPER_RECALL_KS
+    from hdml_tf.data import datasets
     found = []
-    if run.dataset not in PAPER_RECALL_KS:
+    if not datasets.get(run.dataset).paper_recall_ks:
         found.append(f"dataset {run.dataset} is not in the paper")
     if hdml.loss not in PAPER_SETUP["batch_size"]:
         found.append(f"loss {hdml.loss} is not in the paper")

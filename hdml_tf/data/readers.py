@@ -27,9 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from hdml_tf.config import ConfigError
 from hdml_tf.data.image_set import ImageSet
-from hdml_tf.errors import DataError
+from hdml_tf.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +196,13 @@ def _locate(data_dir, inner: str, marker: str, layout: str) -> Path:
 # ------------------------------------------------------------------------------------------- readers
 
 
-def read_cub200(data_dir, *, strict_counts: bool = False) -> Splits:
+def read_cub200(data_dir, *, strict_counts: bool = False, seed: int = 0) -> Splits:
     """CUB-200-2011: classes 1-100 train (5,864 images), 101-200 test (5,924).
 
     Args:
       data_dir: CUB_200_2011/ or the folder that holds it.
       strict_counts: a copy that differs from the official counts raises DataError instead of a warning.
+      seed: accepted for the readers' common signature (`hdml_tf.data.datasets`); the official split is fixed.
 
     Returns:
       Splits (train, test) of path-based ImageSets; class_names like "001.Black_footed_Albatross",
@@ -230,11 +230,12 @@ def read_cub200(data_dir, *, strict_counts: bool = False) -> Splits:
     return _finish("cub200", data_dir, rows, lambda c: c <= 100, names, (5864, 100, 5924, 100), strict_counts)
 
 
-def read_cars196(data_dir, *, strict_counts: bool = False) -> Splits:
+def read_cars196(data_dir, *, strict_counts: bool = False, seed: int = 0) -> Splits:
     """Cars196 (Stanford Cars, cars_annos.mat + car_ims/): classes 1-98 train (8,054), 99-196 test (8,131).
 
     Reads the struct array `annotations` (fields relative_im_path, bbox_x1, bbox_y1, bbox_x2, bbox_y2, class,
     test) and, if present, the cell array `class_names`. Bounding boxes and the `test` flag are not used.
+    `strict_counts` and `seed` as in `read_cub200`.
 
     Raises:
       DataError: cars_annos.mat missing, unreadable or without the expected fields; strict count mismatch.
@@ -265,11 +266,12 @@ def read_cars196(data_dir, *, strict_counts: bool = False) -> Splits:
     return _finish("cars196", data_dir, rows, lambda c: c <= 98, names, (8054, 98, 8131, 98), strict_counts)
 
 
-def read_sop(data_dir, *, strict_counts: bool = False) -> Splits:
+def read_sop(data_dir, *, strict_counts: bool = False, seed: int = 0) -> Splits:
     """Stanford Online Products: Ebay_train.txt (11,318 classes, 59,551 images) / Ebay_test.txt (11,316, 60,502).
 
     Each list has the header `image_id class_id super_class_id path` and paths relative to the folder that holds
-    it. class_names are "<super-class folder>/<class_id>", e.g. "bicycle_final/1".
+    it. class_names are "<super-class folder>/<class_id>", e.g. "bicycle_final/1". `strict_counts` and `seed` as in
+    `read_cub200`.
 
     Raises:
       DataError: a list missing (naming it), a malformed line, a class in both lists, strict count mismatch.
@@ -335,20 +337,17 @@ def read_image_folder(data_dir, test_fraction: float = 0.5, seed: int = 0) -> Sp
     return _finish("folder", data_dir, rows, lambda i: i in train_ids, names, None, False)
 
 
-READERS: Dict[str, Callable[..., Splits]] = {
-    "cub200": read_cub200,
-    "cars196": read_cars196,
-    "sop": read_sop,
-    "folder": read_image_folder,
-}
-
-
 def read_dataset(name: str, data_dir, **kwargs) -> Splits:
-    """`READERS[name](data_dir, **kwargs)`; READERS may be extended with new names.
+    """The reader of a photo data set registered in `hdml_tf.data.datasets` (cub200, cars196, sop, folder, or one
+    you registered there), called as `reader(data_dir, **kwargs)`.
 
     Raises:
-      ConfigError: unknown name (listing the known ones).
+      ConfigError: unknown name (listing the known ones) or an embedded data set (it has no data_dir).
     """
-    if name not in READERS:
-        raise ConfigError(f"dataset={name!r} is unknown; expected one of {', '.join(sorted(READERS))}")
-    return READERS[name](data_dir, **kwargs)
+    from hdml_tf.data import datasets
+    spec = datasets.find(name)
+    if spec is None or spec.reader is None:
+        photo = sorted(n for n in datasets.names() if datasets.get(n).reader is not None)
+        why = "ships with the package and is not read from a data_dir" if spec else "is unknown"
+        raise ConfigError(f"dataset={name!r} {why}; expected one of {', '.join(photo)}")
+    return spec.reader(data_dir, **kwargs)

@@ -162,13 +162,14 @@ class EvaluationCallback(keras.callbacks.Callback):
           make_dataset: builds its (images, labels) tf.data dataset; None = `image_set_dataset(image_set,
             batch_size, augment)` (in-memory images as they are, or the data pipeline's evaluation geometry).
           batch_size, augment: see `image_set_dataset`.
-          **options: EvaluationCallback arguments; `recall_ks` defaults to `metrics.default_recall_ks` of the set.
+          **options: EvaluationCallback arguments; `recall_ks` defaults to `datasets.recall_ks` of the set.
         """
         if make_dataset is not None:
             dataset = make_dataset(image_set)
         else:
             dataset = image_set_dataset(image_set, batch_size, augment)
-        options.setdefault("recall_ks", metrics.default_recall_ks(image_set.name.split("/")[0], len(image_set)))
+        from hdml_tf.data import datasets
+        options.setdefault("recall_ks", datasets.recall_ks(image_set.name, len(image_set)))
         return cls(dataset, **options)
 
     # ------------------------------------------------------------------------------------------------- hooks

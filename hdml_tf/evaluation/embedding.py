@@ -131,7 +131,7 @@ def evaluate_image_set(model, image_set: ImageSet, *, recall_ks: Optional[Sequen
     Args:
       model: a Keras model or callable returning embeddings [B, E].
       image_set: the test (or validation) split.
-      recall_ks: Ks of Recall@K; None = `metrics.default_recall_ks(image_set.name, len(image_set))`.
+      recall_ks: Ks of Recall@K; None = `datasets.recall_ks(image_set.name, len(image_set))`.
       make_dataset: builds the evaluation tf.data dataset of (images, labels) from the ImageSet; None =
         `image_set_dataset(image_set, batch_size, augment)`.
       batch_size, augment: see `image_set_dataset`.
@@ -145,6 +145,7 @@ def evaluate_image_set(model, image_set: ImageSet, *, recall_ks: Optional[Sequen
     embeddings, labels = embed_image_set(model, image_set, make_dataset=make_dataset, batch_size=batch_size,
                                          augment=augment, progress=progress)
     if recall_ks is None:
-        recall_ks = metrics.default_recall_ks(image_set.name.split("/")[0], len(labels))
+        from hdml_tf.data import datasets
+        recall_ks = datasets.recall_ks(image_set.name, len(labels))
     results = metrics.evaluate(embeddings, labels, recall_ks, **metric_options)
     return (results, embeddings, labels) if return_embeddings else results

@@ -31,7 +31,6 @@ its cost is the float32 matmul (3.7 TFLOP). `tools/benchmark_eval.py` measures i
 from __future__ import annotations
 
 import math
-import re
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,19 +39,8 @@ import tensorflow as tf
 # Memory for one float32 similarity chunk [chunk, N] when `chunk_size` is not given.
 DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
 
-# Recall@K reported in the paper (K = 1, 2, 4, 8 for CUB/Cars; 1, 10, 100 for SOP); the official FLAGS.py also
-# computes 16, 32 (CUB/Cars) and 1000 (SOP).
+# Default K of Recall@K (the paper's CUB / Cars columns); each data set's list is `hdml_tf.data.datasets.recall_ks`.
 PAPER_RECALL_KS = (1, 2, 4, 8)
-_DATASET_RECALL_KS = {
-    "cub200": (1, 2, 4, 8, 16, 32),
-    "cars196": (1, 2, 4, 8, 16, 32),
-    "sop": (1, 10, 100, 1000),
-}
-_DATASET_ALIASES = {
-    "cub": "cub200", "cub200": "cub200", "cub200_2011": "cub200", "cub_200_2011": "cub200",
-    "cars": "cars196", "cars196": "cars196", "stanford_cars": "cars196",
-    "sop": "sop", "products": "sop", "online_products": "sop", "stanford_online_products": "sop",
-}
 KMEANS_MODES = ("auto", "full", "minibatch")
 # "auto" uses full k-means up to this many clusters (CUB 100, Cars 98 test classes), mini-batch above (SOP 11,316).
 AUTO_FULL_KMEANS_MAX_CLUSTERS = 1000
@@ -103,24 +91,6 @@ def _check_ks(ks, n: int) -> Tuple[int, ...]:
         if k > n - 1:
             raise ValueError(f"recall@{k} needs K <= N-1 = {n - 1} (a query never retrieves itself)")
     return tuple(int(k) for k in ks)
-
-
-def default_recall_ks(dataset: str, num_images: Optional[int] = None) -> Tuple[int, ...]:
-    """Recall@K list for a data set: CUB/Cars (1, 2, 4, 8, 16, 32), SOP (1, 10, 100, 1000).
-
-    The paper's tables report 1, 2, 4, 8 (CUB, Cars) and 1, 10, 100 (SOP); the extra Ks are those of the official
-    FLAGS.py. Unknown names (e.g. the toy data sets) get the paper's (1, 2, 4, 8).
-
-    Args:
-      dataset: data set name, e.g. "cub200", "cars196", "sop" (case and "-" / "_" insensitive; "cub", "cars",
-        "online_products" are accepted too).
-      num_images: if given, Ks that do not fit (K > num_images - 1) are dropped.
-    """
-    key = _DATASET_ALIASES.get(re.sub(r"[^a-z0-9]+", "_", dataset.lower()).strip("_"))
-    ks = _DATASET_RECALL_KS.get(key, PAPER_RECALL_KS)
-    if num_images is not None:
-        ks = tuple(k for k in ks if k <= num_images - 1)
-    return ks
 
 
 def _chunk_rows(n: int, chunk_size: Optional[int]) -> int:
@@ -492,7 +462,7 @@ def evaluate(embeddings, labels, recall_ks: Iterable[int] = PAPER_RECALL_KS, *, 
     Args:
       embeddings: float [N, E], L2-normalized.
       labels: int [N].
-      recall_ks: Ks of Recall@K (see `default_recall_ks`); each in 1..N-1.
+      recall_ks: Ks of Recall@K (per data set: `hdml_tf.data.datasets.recall_ks`); each in 1..N-1.
       clustering: compute NMI and F1 (k-means; the slow part at SOP size).
       with_map: compute MAP@R and R-Precision.
       kmeans, n_clusters, seed, n_init: see `nmi_f1`.
