@@ -41,6 +41,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from hdml_tf.atomic import fsync_dir
 from hdml_tf.errors import HDMLError
 
 log = logging.getLogger(__name__)
@@ -77,19 +78,6 @@ def checkpoint_groups(model) -> Dict[str, list]:
         if opt is not None:
             groups[attr] = list(opt.variables)
     return groups
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(str(directory), os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -220,7 +208,7 @@ class CheckpointManager:
             write_npz(temp, arrays)
             sha, size = _sha256(temp), temp.stat().st_size
             os.replace(temp, target)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             kept = self._publish(CheckpointInfo(step, target, sha, size))
         except OSError as e:
             _unlink_quietly(temp)
@@ -251,7 +239,7 @@ class CheckpointManager:
         except OSError:
             _unlink_quietly(temp)
             raise
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         # Entries newer than `new` can only be left from a run that was rolled back (e.g. after a corrupt file).
         stale = dropped + [c for c in self.checkpoints() if c.step > new.step]
         for c in stale:

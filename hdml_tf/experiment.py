@@ -5,13 +5,11 @@
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -19,6 +17,7 @@ import tensorflow as tf
 from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig, RunConfig
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.evaluation.metrics import format_results
+from hdml_tf.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +244,9 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
                    callbacks: Sequence = (), printer=print) -> Dict:
     """Trains HDML (and the plain baseline when asked) and scores raw pixels, the untrained and the trained network.
 
-    Writes into run.output_dir: results.json, history_<variant>.csv, curves_<variant>.png, <variant>.weights.h5 and
-    <variant>.keras (the last weights; `hdml_tf.export.load_keras`, tools/export.py and tools/evaluate.py read it).
+    Writes into run.output_dir (`hdml_tf.rundir.RunDir`): results.json, history_<variant>.csv, curves_<variant>.png,
+    <variant>.weights.h5 and <variant>.keras (the last weights; `hdml_tf.rundir.load_keras`, tools/export.py and
+    tools/evaluate.py read it).
     With `run.eval_every_epochs` > 0 also eval_<variant>.csv (one row per evaluation), eval_<variant>.json (best
     and last), <variant>.best.weights.h5 (best by `run.monitor`) and TensorBoard scalars under logs/<variant>;
     results["test"] then holds the last checkpoint as "<variant>" and the selected one as
@@ -260,8 +260,8 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     run = _per_worker_output(run, strategy)
     if run.deterministic:
         enable_determinism(run.seed)
-    out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunDir(run.output_dir)
+    out.path.mkdir(parents=True, exist_ok=True)
     train, test = load_splits(run)
     printer(f"data: {run.dataset}: {len(train):,} training images of {train.num_classes} classes, "
             f"{len(test):,} test images of {test.num_classes} unseen classes; crop {run.crop_size()} px")
@@ -294,14 +294,13 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
         seconds = time.time() - start
         results["test"][name] = evaluate_model(model, test_ds, ks)
         results.setdefault("train_seconds", {})[name] = round(seconds, 1)
-        _write_history(history.history, out / f"history_{name}.csv")
-        _plot_curves(out / f"history_{name}.csv", out / f"curves_{name}.png")
-        model.save_weights(str(out / f"{name}.weights.h5"))
-        _save_keras(model, run, out / f"{name}.keras")
+        out.write_history(name, history.history)
+        out.plot_curves(name)
+        geometry = run.augment()
+        out.save_model(model, name, image_size=geometry.crop, resize=geometry.resize, backbone=run.backbone)
         if selector is not None and selector.best is not None:
             _score_selected(model, run, name, selector, test_ds, ks, results, out)
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    out.write_results(results)
     rows = dict(results["test"])
     for name in results.get("selection", {}):  # the last checkpoint is named as such
         rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
@@ -309,7 +308,7 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     return results
 
 
-def _evaluation_callback(run: RunConfig, name: str, image_set: ImageSet, out: Path):
+def _evaluation_callback(run: RunConfig, name: str, image_set: ImageSet, out: RunDir):
     """EvaluationCallback on `image_set` every `run.eval_every_epochs` epochs (None when 0)."""
     if run.eval_every_epochs <= 0:
         return None
@@ -321,16 +320,11 @@ def _evaluation_callback(run: RunConfig, name: str, image_set: ImageSet, out: Pa
                           f"images; Recall@K needs K < that")
     return EvaluationCallback(
         eval_dataset(run, image_set), every_n_epochs=run.eval_every_epochs, monitor=monitor, recall_ks=ks,
-        seed=run.seed, best_weights_path=str(out / f"{name}.best.weights.h5"), csv_path=str(out / f"eval_{name}.csv"),
-        log_dir=str(out / "logs" / name), summary_path=str(out / f"eval_{name}.json"), verbose=int(run.verbose > 0))
+        seed=run.seed, best_weights_path=str(out.best_weights(name)), csv_path=str(out.eval_csv(name)),
+        log_dir=str(out.logs(name)), summary_path=str(out.eval_json(name)), verbose=int(run.verbose > 0))
 
 
-def _save_keras(model, run: RunConfig, path: Path) -> None:
-    from hdml_tf.export import save_keras
-    save_keras(model, str(path), image_size=run.crop_size(), resize=run.augment().resize, backbone=run.backbone)
-
-
-def _score_selected(model, run: RunConfig, name: str, selector, test_ds, ks, results: Dict, out: Path) -> None:
+def _score_selected(model, run: RunConfig, name: str, selector, test_ds, ks, results: Dict, out: RunDir) -> None:
     """Scores the checkpoint `selector` selected on the test classes (the model keeps the last weights)."""
     best, last = selector.best, selector.last
     monitor = selector.prefix + selector.monitor
@@ -340,28 +334,9 @@ def _score_selected(model, run: RunConfig, name: str, selector, test_ds, ks, res
     else:
         model.load_weights(selector.best_weights_path)
         results["test"][row] = evaluate_model(model, test_ds, ks)
-        model.load_weights(str(out / f"{name}.weights.h5"))
+        model.load_weights(str(out.weights(name)))
     results.setdefault("selection", {})[name] = {
         "monitor": monitor, "on": "validation" if run.validation_fraction > 0 else "test",
         "best_step": best["step"], "last_step": last["step"], "row": row,
-        "best_weights": f"{name}.best.weights.h5", "csv": f"eval_{name}.csv",
+        "best_weights": out.best_weights(name).name, "csv": out.eval_csv(name).name,
         "best": selector._metric_part(best), "last": selector._metric_part(last)}
-
-
-def _write_history(history: Dict[str, List[float]], path: Path) -> None:
-    keys = sorted(history)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch"] + keys)
-        for i in range(len(history[keys[0]]) if keys else 0):
-            writer.writerow([i + 1] + [float(history[k][i]) for k in keys])
-
-
-def _plot_curves(csv_path: Path, png_path: Path) -> None:
-    try:
-        from hdml_tf.evaluation.plots import plot_training_curves
-    except ImportError:  # pragma: no cover - plots are optional for a run
-        return
-    plot_training_curves(str(csv_path), str(png_path))
-
-

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import load_tool, tiny_backbone
-from hdml_tf import export
+from hdml_tf import retrieval, rundir, serving
 from hdml_tf.config import HDMLConfig
 from hdml_tf.errors import HDMLError
 from hdml_tf.model import HDMLModel
@@ -68,8 +68,8 @@ def models(tmp_path_factory):
     """A fixed (seeded, untrained) model as a SavedModel and as a .keras file."""
     tmp = tmp_path_factory.mktemp("models")
     model = HDMLModel(tiny_backbone(SIZE, seed=4), num_classes=3, config=HDMLConfig(embedding_size=EMB))
-    saved = export.export_saved_model(model, str(tmp / "saved"), resize=RESIZE).export_dir
-    keras_file = export.save_keras(model, str(tmp / "model.keras"), resize=RESIZE)
+    saved = serving.export_saved_model(model, str(tmp / "saved"), resize=RESIZE).export_dir
+    keras_file = rundir.save_keras(model, str(tmp / "model.keras"), resize=RESIZE)
     return model, saved, keras_file
 
 
@@ -97,13 +97,13 @@ def test_embed_folder_index_contents(index, folder, models):
     assert reasons["gray/empty.png"] == "zero bytes" and reasons["red/notes.txt"].startswith("not an image")
     assert "JPEG" in reasons["blue/broken.jpg"]
     # What was written reads back, and the embeddings are the model's on each decoded file.
-    again = export.load_index(path)
+    again = retrieval.load_index(path)
     np.testing.assert_array_equal(again.embeddings, idx.embeddings)
     assert again.paths == idx.paths and again.info == idx.info and again.skipped == idx.skipped
     model = models[0]
     for i, rel in enumerate(idx.paths):
         image = tf.io.decode_image((root / rel).read_bytes(), channels=3, expand_animations=False)[None]
-        want = model(export.preprocess_images(image, SIZE, RESIZE), training=False).numpy()[0]
+        want = model(serving.preprocess_images(image, SIZE, RESIZE), training=False).numpy()[0]
         np.testing.assert_allclose(idx.embeddings[i], want, atol=1e-5, err_msg=rel)
 
 
@@ -185,7 +185,7 @@ def test_embed_cli_lists_skipped_files_and_errors_are_one_line(folder, models, t
     for args, message in [
             ([tool, f"--model={tmp_path / 'absent'}", f"--images={root}"],
              f"error: model {tmp_path / 'absent'} not found; expected a SavedModel directory (tools/export.py "
-             "--output) or a .keras file"),
+             "--output), a training run directory, or a .keras / .weights.h5 file"),
             ([str(ROOT / "tools" / "search.py"), f"--index={tmp_path / 'absent.npz'}", f"--query={root}"],
              f"error: index file {tmp_path / 'absent.npz'} not found; write one with tools/embed.py")]:
         failed = subprocess.run([sys.executable] + args, capture_output=True, text=True, timeout=120)

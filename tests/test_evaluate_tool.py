@@ -72,7 +72,7 @@ def test_validation_fraction_needs_periodic_evaluation():
 def test_tool_matches_in_process_metrics_and_writes_plots(trained, tmp_path):
     from hdml_tf.evaluation import embed_dataset, evaluate
     from hdml_tf.experiment import eval_dataset, load_splits
-    from hdml_tf.export import load_keras
+    from hdml_tf.rundir import load_keras
 
     run, out, results = trained
     report_path, plots = tmp_path / "eval.json", tmp_path / "plots"

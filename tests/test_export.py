@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import layout_batch, load_tool, tiny_backbone
-from hdml_tf import export
+from hdml_tf import rundir, serving
 from hdml_tf.config import HDMLConfig
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.data.images import Augment
@@ -95,7 +95,7 @@ def trained():
 
 def _reference(model, images):
     """The in-process model on images prepared by the evaluation geometry."""
-    return model(export.preprocess_images(images, SIZE, RESIZE), training=False).numpy()
+    return model(serving.preprocess_images(images, SIZE, RESIZE), training=False).numpy()
 
 
 def _encoded_images():
@@ -115,7 +115,7 @@ def _encoded_images():
 def exported(trained, tmp_path_factory):
     """Exports `trained`, runs every signature in a subprocess, keeps the in-process references of that moment."""
     tmp = tmp_path_factory.mktemp("export")
-    result = export.export_saved_model(trained, str(tmp / "saved"), resize=RESIZE, backbone="tiny")
+    result = serving.export_saved_model(trained, str(tmp / "saved"), resize=RESIZE, backbone="tiny")
     rng = np.random.default_rng(1)
     inputs = {
         "float": rng.uniform(0, 255, (3, 23, 29, 3)).astype(np.float32),
@@ -176,7 +176,7 @@ def test_metadata_and_embedding_network_only(exported):
     assert (int(got["meta_embedding_size"]), int(got["meta_image_size"]), int(got["meta_resize"])) == (EMB, SIZE,
                                                                                                      RESIZE)
     assert str(got["meta_backbone"]) == "tiny"
-    info = export.read_export_info(str(exported["dir"]))
+    info = serving.read_export_info(str(exported["dir"]))
     assert info == result.info and info.hdml_tf_version
     # Only the embedder's variables (backbone + metric head): no generator, no classifier.
     assert int(got["num_variables"]) == len(exported["embedder_variables"])
@@ -196,7 +196,7 @@ def test_preprocessing_is_the_evaluation_pipeline(tmp_path):
     image_set = ImageSet(labels=np.array([0, 1]), class_names=["a", "b"], paths=paths, name="t")
     ds = make_eval_dataset(image_set, 2, Augment(resize=RESIZE, crop=SIZE, flip=False), verbose=0)
     pipeline_images = next(iter(ds))[0].numpy()
-    ours = export.preprocess_bytes(tf.constant([open(p, "rb").read() for p in paths]), SIZE, RESIZE).numpy()
+    ours = serving.preprocess_bytes(tf.constant([open(p, "rb").read() for p in paths]), SIZE, RESIZE).numpy()
     np.testing.assert_array_equal(ours, pipeline_images)
 
 
@@ -204,22 +204,24 @@ def test_export_errors(trained, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("x")
     with pytest.raises(HDMLError, match="not empty and holds no SavedModel"):
-        export.export_saved_model(trained, str(tmp_path / "busy"))
+        serving.export_saved_model(trained, str(tmp_path / "busy"))
     with pytest.raises(HDMLError, match="image_size=24 does not match"):
-        export.export_saved_model(trained, str(tmp_path / "a"), 24)
+        serving.export_saved_model(trained, str(tmp_path / "a"), 24)
     with pytest.raises(HDMLError, match="resize=12 must be >= image_size=16"):
-        export.export_saved_model(trained, str(tmp_path / "a"), resize=12)
+        serving.export_saved_model(trained, str(tmp_path / "a"), resize=12)
     with pytest.raises(HDMLError, match="cannot export a str"):
-        export.export_saved_model("model.keras", str(tmp_path / "a"))
-    assert export.default_resize(227) == 256 and export.default_resize(224) == 256 and export.default_resize(64) == 64
+        serving.export_saved_model("model.keras", str(tmp_path / "a"))
+    # The one geometry rule (hdml_tf.data.datasets): photo crops keep the official 256/227 (256/224) proportion.
+    assert serving.default_resize(227, "inception_v1_caffe") == 256 and serving.default_resize(224) == 256
+    assert serving.default_resize(64, "inception_v1_caffe") == round(64 * 256 / 227) == 72
 
 
 def test_keras_round_trip_resumes_training(trained, tmp_path):
-    path = export.save_keras(trained, str(tmp_path / "model.keras"), resize=RESIZE, backbone="tiny")
+    path = rundir.save_keras(trained, str(tmp_path / "model.keras"), resize=RESIZE, backbone="tiny")
     j_avg_saved = trained.j_avg.value.numpy()
-    loaded = export.load_keras(path)
+    loaded = rundir.load_keras(path)
     assert isinstance(loaded, HDMLModel) and loaded.config == trained.config
-    assert loaded.backbone.backbone_name == "tiny" and export.keras_embedding_info(loaded).resize == RESIZE
+    assert loaded.backbone.backbone_name == "tiny" and rundir.keras_embedding_info(loaded).resize == RESIZE
     assert [v.path for v in loaded.weights] == [v.path for v in trained.weights]
     for a, b in zip(trained.weights, loaded.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
@@ -250,18 +252,18 @@ def test_keras_round_trip_resumes_training(trained, tmp_path):
 
 def test_keras_uncompiled_baseline_and_errors(tmp_path):
     model = _model(hdml=False, num_classes=3, seed=1)
-    path = export.save_keras(model, str(tmp_path / "base.keras"))
-    loaded = export.load_keras(path)
+    path = rundir.save_keras(model, str(tmp_path / "base.keras"))
+    loaded = rundir.load_keras(path)
     assert loaded.generator_net is None and getattr(loaded, "optimizer", None) is None
     images = _batch()[0][:2]
     np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)
     with pytest.raises(HDMLError, match="must end with .keras"):
-        export.save_keras(model, str(tmp_path / "x.h5"))
+        rundir.save_keras(model, str(tmp_path / "x.h5"))
     with pytest.raises(HDMLError, match="not found"):
-        export.load_keras(str(tmp_path / "absent.keras"))
+        rundir.load_keras(str(tmp_path / "absent.keras"))
     (tmp_path / "bad.keras").write_bytes(b"not a zip")
     with pytest.raises(HDMLError, match="not a readable .keras file"):
-        export.load_keras(str(tmp_path / "bad.keras"))
+        rundir.load_keras(str(tmp_path / "bad.keras"))
 
 
 # ------------------------------------------------------------------------------------------------ tools/export.py
@@ -288,11 +290,11 @@ def test_export_tool_from_training_run_dir(trained, tmp_path, monkeypatch):
     tool = load_tool("export")
     lines = tool.export(str(run_dir), str(tmp_path / "saved"))
     assert any("max |diff|" in line for line in lines)
-    info = export.read_export_info(str(tmp_path / "saved"))
+    info = serving.read_export_info(str(tmp_path / "saved"))
     assert (info.backbone, info.image_size, info.resize, info.embedding_size) == ("inception_v1_slim", size, 36, EMB)
     loaded = tf.saved_model.load(str(tmp_path / "saved"))
     images = np.random.default_rng(0).integers(0, 256, (2, 36, 36, 3), dtype=np.uint8)
-    want = model(export.preprocess_images(images, size, 36), training=False).numpy()
+    want = model(serving.preprocess_images(images, size, 36), training=False).numpy()
     np.testing.assert_allclose(loaded.embed_images(tf.constant(images))["embeddings"].numpy(), want, atol=TOL)
     with pytest.raises(HDMLError, match="already holds a SavedModel"):
         tool.export(str(run_dir), str(tmp_path / "saved"))
@@ -305,14 +307,15 @@ def test_export_tool_from_training_run_dir(trained, tmp_path, monkeypatch):
         tool.export(str(tmp_path / "lone" / "w.weights.h5"), str(tmp_path / "lone_saved"))
     tool.export(str(tmp_path / "lone" / "w.weights.h5"), str(tmp_path / "lone_saved"), image_size=size,
                 backbone="inception_v1_slim", verify=False)
-    info = export.read_export_info(str(tmp_path / "lone_saved"))
-    assert (info.embedding_size, info.image_size, info.resize) == (EMB, size, size)
+    info = serving.read_export_info(str(tmp_path / "lone_saved"))
+    # Without a run, the photo geometry rule: the official 256/224 proportion for the slim layout.
+    assert (info.embedding_size, info.image_size, info.resize) == (EMB, size, round(size * 256 / 224))
     with pytest.raises(HDMLError, match="no .keras or .weights.h5 file"):
         tool.export(str(tmp_path / "saved" / "variables"), str(tmp_path / "x"))
     # A .keras checkpoint carries everything itself.
-    keras_path = export.save_keras(trained, str(tmp_path / "m.keras"), resize=RESIZE)
+    keras_path = rundir.save_keras(trained, str(tmp_path / "m.keras"), resize=RESIZE)
     tool.export(keras_path, str(tmp_path / "from_keras"), verify=False)
-    assert export.read_export_info(str(tmp_path / "from_keras")).resize == RESIZE
+    assert serving.read_export_info(str(tmp_path / "from_keras")).resize == RESIZE
 
 
 def test_export_tool_errors_are_one_line():

@@ -135,3 +135,30 @@ def run_main(fn):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     return main
+
+
+def quiet_tensorflow():
+    """No INFO chatter from TensorFlow's SavedModel loader (warnings and errors still show)."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+
+
+def check_model_path(model: str) -> str:
+    """Cheap check before TensorFlow is imported: --model names something `hdml_tf.rundir.load_embedder` can load (a
+    SavedModel directory, a training run directory, a .keras or a .weights.h5 file)."""
+    from hdml_tf.errors import HDMLError
+    expected = ("a SavedModel directory (tools/export.py --output), a training run directory, or a .keras / "
+                ".weights.h5 file")
+    if not model:
+        raise HDMLError(f"--model is required ({expected})")
+    if not os.path.exists(model):
+        raise HDMLError(f"model {model} not found; expected {expected}")
+    if os.path.isdir(model):
+        names = os.listdir(model)
+        if "saved_model.pb" not in names and not any(n.endswith((".keras", ".weights.h5")) for n in names):
+            raise HDMLError(f"model {model} is a directory without saved_model.pb or trained weights; expected "
+                            f"{expected}")
+    elif not model.endswith((".keras", ".weights.h5")):
+        raise HDMLError(f"model {model} is neither a SavedModel directory nor a .keras / .weights.h5 file")
+    return model

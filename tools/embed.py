@@ -4,8 +4,8 @@
     python tools/embed.py --model=exported/cub --images=/photos --output=photos.npz
     python tools/embed.py --model=runs/cub/hdml.keras --images=/data/CUB_200_2011/images --batch_size=128
 
---model is a SavedModel directory written by tools/export.py or a `.keras` file written by
-`hdml_tf.export.save_keras`; images are preprocessed as the model's evaluation pipeline does (square resize, center
+--model is a SavedModel directory written by tools/export.py, a training run directory, or its `.keras` /
+`.weights.h5` file (`hdml_tf.rundir.load_embedder`); images are preprocessed as the model's evaluation pipeline does (square resize, center
 crop). Every file under --images is read (hidden files aside); gray, RGBA and CMYK images are converted to RGB. A
 file that cannot be decoded (not an image, truncated, empty) is skipped with a warning and listed at the end. When
 every image sits in a subfolder, the first-level subfolder is its class.
@@ -16,7 +16,6 @@ model, skipped ("path: reason"). Errors print as one line `error: ...` on stderr
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -25,36 +24,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 
+from common_flags import check_model_path, quiet_tensorflow  # noqa: E402
 from hdml_tf.errors import HDMLError  # noqa: E402
 
 
 def define_flags():
     """Flags of this tool; defined only when run as a program, so importing it has no side effects."""
-    flags.DEFINE_string("model", None, "SavedModel directory (tools/export.py) or .keras file (save_keras).")
+    flags.DEFINE_string("model", None, "SavedModel directory (tools/export.py), training run directory, .keras or "
+                        ".weights.h5 file.")
     flags.DEFINE_string("images", None, "Folder of images (searched recursively; subfolders = classes).")
     flags.DEFINE_string("output", None, "Index file to write (.npz); default: <images>.npz beside the folder.")
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
     flags.DEFINE_integer("verbose", 1, "1 shows a progress bar, 0 is silent.")
 
 
-def check_model_path(model: str) -> str:
-    """Cheap check before TensorFlow is imported: the model path exists and looks like a model."""
-    if not model:
-        raise HDMLError("--model is required (a SavedModel directory from tools/export.py or a .keras file)")
-    if not os.path.exists(model):
-        raise HDMLError(f"model {model} not found; expected a SavedModel directory (tools/export.py --output) or "
-                        "a .keras file")
-    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "saved_model.pb")):
-        raise HDMLError(f"model {model} is a directory without saved_model.pb; expected a SavedModel written by "
-                        "tools/export.py")
-    if os.path.isfile(model) and not model.endswith(".keras"):
-        raise HDMLError(f"model {model} is neither a SavedModel directory nor a .keras file")
-    return model
-
-
 def list_images(folder: str, exclude=()) -> tuple:
     """Relative paths of the files under `folder`; HDMLError when it is missing or holds no files."""
-    from hdml_tf.export import list_files
+    from hdml_tf.retrieval import list_files
     if not folder:
         raise HDMLError("--images is required (a folder of images)")
     if not os.path.isdir(folder):
@@ -89,7 +75,8 @@ def embed_folder(model: str, images: str, output: str | None = None, batch_size:
         raise HDMLError(f"--batch_size={batch_size} must be > 0")
     paths = list_images(images, exclude=(output,))
 
-    from hdml_tf.export import ImageIndex, embed_files, folder_labels, load_embedder, save_index
+    from hdml_tf.retrieval import ImageIndex, embed_files, folder_labels, save_index
+    from hdml_tf.rundir import load_embedder
 
     embedder = load_embedder(model)
     root = os.path.abspath(images)
@@ -132,13 +119,6 @@ def main(argv):
     print("\n".join(summary(index, output)))
     warn_skipped(index.skipped, report.total)
     return 0
-
-
-def quiet_tensorflow():
-    """No INFO chatter from TensorFlow's SavedModel loader (warnings and errors still show)."""
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

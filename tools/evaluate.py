@@ -10,7 +10,7 @@
 --model is one of:
 - a training run's --output_dir (tools/train.py): <variant>.keras, else <variant>.weights.h5 (--variant);
   the run's results.json gives data set, data directory, image geometry and Recall@K when not given here;
-- a `.keras` file (`hdml_tf.export.save_keras`, carries its geometry) or an HDMLModel `.weights.h5` (with the run's
+- a `.keras` file (`hdml_tf.rundir.save_keras`, carries its geometry) or an HDMLModel `.weights.h5` (with the run's
   results.json beside it, e.g. <variant>.best.weights.h5, the checkpoint selected during training);
 - a SavedModel directory written by tools/export.py (its preprocessing is in the graph).
 
@@ -83,8 +83,8 @@ class LoadedModel:
 
 
 def load_model(path: str, variant: str = "auto", image_size: int = 0, resize: int = 0) -> LoadedModel:
-    """Resolves --model (run directory, .keras, .weights.h5 or SavedModel) like tools/export.py does."""
-    from hdml_tf.export import default_resize
+    """Resolves --model (run directory, .keras, .weights.h5 or SavedModel) with `hdml_tf.rundir`."""
+    from hdml_tf.rundir import find_checkpoint, load_checkpoint
 
     if not path:
         raise HDMLError("--model is required (a training run directory, a .keras or .weights.h5 file, or a "
@@ -94,24 +94,15 @@ def load_model(path: str, variant: str = "auto", image_size: int = 0, resize: in
                         "or a SavedModel directory")
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
         return _load_saved_model(path, image_size, resize)
-    import export as export_tool  # tools/export.py: the run-directory / checkpoint resolution
-
-    ckpt = export_tool.find_checkpoint(path, variant)
-    model, size, rsz = export_tool.load_model(ckpt, image_size=image_size, resize=resize)
-    size = int(size or model.backbone.input_shape[1] or 0)
-    if not size:
-        raise HDMLError(f"{ckpt.path}: the model takes images of any size; pass --image_size")
-    rsz = int(rsz or default_resize(size))
-    if rsz < size:
-        raise HDMLError(f"resize={rsz} must be >= image_size={size} (the crop is cut out of the resize)")
-    backbone = getattr(getattr(model, "backbone", None), "backbone_name", "") or ckpt.run.get("backbone", "")
-    return LoadedModel(model, ckpt.path, size, rsz, run=ckpt.run, backbone=backbone)
+    ckpt = find_checkpoint(path, variant)
+    model, info = load_checkpoint(ckpt, image_size=image_size, resize=resize)
+    return LoadedModel(model, ckpt.path, info.image_size, info.resize, run=ckpt.run, backbone=info.backbone)
 
 
 def _load_saved_model(path: str, image_size: int, resize: int) -> LoadedModel:
     import tensorflow as tf
 
-    from hdml_tf.export import SIGNATURE_IMAGES, read_export_info
+    from hdml_tf.serving import SIGNATURE_IMAGES, read_export_info
 
     info = read_export_info(path)
     for name, given, own in (("image_size", image_size, info.image_size), ("resize", resize, info.resize)):
@@ -151,8 +142,8 @@ def _run_of(path: str, variant: str) -> dict:
     """The training run's results.json "run" section for --model ({} for a SavedModel or none), without TF."""
     if not path or not os.path.exists(path) or os.path.exists(os.path.join(path, "saved_model.pb")):
         return {}
-    import export as export_tool
-    return export_tool.find_checkpoint(path, variant).run
+    from hdml_tf.rundir import find_checkpoint
+    return find_checkpoint(path, variant).run
 
 
 def data_config(loaded: LoadedModel, dataset=None, data_dir=None, batch_size=64, recall_ks=()):

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 
-from embed import check_model_path, quiet_tensorflow  # noqa: E402
+from common_flags import check_model_path, quiet_tensorflow  # noqa: E402
 from hdml_tf.errors import HDMLError  # noqa: E402
 
 DISTANCE_NOTE = ("distance d = Euclidean distance between L2-normalized embeddings = sqrt(2 - 2 cos), 0 (same) "
@@ -62,7 +62,7 @@ class QueryResult:
 
 def query_files(queries) -> List[str]:
     """Query paths: files as given, folders expanded to their files; HDMLError when one is missing or all empty."""
-    from hdml_tf.export import list_files
+    from hdml_tf.retrieval import list_files
     if not queries:
         raise HDMLError("--query is required (image files or folders)")
     found = []
@@ -101,7 +101,9 @@ def search(index_path: str, queries, model: Optional[str] = None, k: int = 5, ex
 
     import numpy as np
 
-    from hdml_tf.export import embed_files, load_embedder, load_index, nearest_neighbors
+    from hdml_tf.retrieval import embed_files, load_index
+    from hdml_tf.retrieval import search as search_index
+    from hdml_tf.rundir import load_embedder
 
     index = load_index(index_path)
     files = query_files(queries)
@@ -122,7 +124,7 @@ def search(index_path: str, queries, model: Optional[str] = None, k: int = 5, ex
     if exclude_self:
         where = {os.path.realpath(index.full_path(i)): i for i in range(len(index))}
         exclude = np.array([where.get(os.path.realpath(f), -1) for f in kept_files])
-    order, dist, cos = nearest_neighbors(embeddings, index.embeddings, k, exclude)
+    order, dist, cos = search_index(index, embeddings, k, exclude)
     if order.shape[1] == 0:
         raise HDMLError(f"{index_path} holds no image other than the query itself (--noexclude_self keeps it)")
     results = []

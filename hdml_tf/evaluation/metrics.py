@@ -162,9 +162,11 @@ def _block_size(n: int, k: int) -> int:
 
 
 def _top_k_chunk(sims, rows_tf, block_max, block: int, k: int, rows: np.ndarray):
-    """Exact top-k (self excluded) of a chunk with the deterministic tie rule; NumPy ([c, k] int64, [c, k] f32)."""
+    """Exact top-k (each query's own column `rows[i]` excluded, none where it is -1) of a chunk with the
+    deterministic tie rule; NumPy ([c, k] int64, [c, k] f32)."""
     n = int(sims.shape[1])
-    fetch = min(k + 1, n - 1)  # one more than needed, to see whether a tie straddles the k-th place
+    available = n - 1 if np.any(rows >= 0) else n
+    fetch = min(k + 1, available)  # one more than needed, to see whether a tie straddles the k-th place
     if block > 1:
         num_blocks = int(block_max.shape[1])
         # fetch + 1 blocks: the query's own block may take one place (its maximum is usually the query itself).
@@ -189,7 +191,8 @@ def _top_k_chunk(sims, rows_tf, block_max, block: int, k: int, rows: np.ndarray)
             greater = np.sum(vals[tie, :k] > v[:, None], axis=1)
             full = tf.gather(sims, tie).numpy()
             eq = full == v[:, None]
-            eq[np.arange(len(tie)), rows[tie]] = False
+            own = rows[tie] >= 0  # the query's own column, where it has one in the gallery
+            eq[np.arange(len(tie))[own], rows[tie][own]] = False
             rank = np.cumsum(eq, axis=1)
             r, c = np.nonzero(eq & (rank <= (k - greater)[:, None]))
             idx[tie[r], greater[r] + rank[r, c] - 1] = c
@@ -197,27 +200,38 @@ def _top_k_chunk(sims, rows_tf, block_max, block: int, k: int, rows: np.ndarray)
     return idx[:, :k], vals[:, :k]
 
 
-def _scan(x: np.ndarray, labels: Optional[np.ndarray], k: int, with_rank: bool, chunk_size: Optional[int]):
-    """Runs the chunked pass; yields (row slice, ahead [c] or None, neighbours [c, k] or None) per chunk."""
+def _scan(x: np.ndarray, labels: Optional[np.ndarray], k: int, with_rank: bool, chunk_size: Optional[int],
+          queries: Optional[np.ndarray] = None, exclude: Optional[np.ndarray] = None):
+    """Runs the chunked pass; yields (row slice, ahead [c] or None, neighbours [c, k] or None) per chunk.
+
+    Queries are the gallery's own rows (each leaves itself out), or `queries` [Q, E] leaving out the gallery column
+    `exclude[q]` (-1: none; ranks need the gallery's own rows)."""
     n = len(x)
-    chunk = _chunk_rows(n, chunk_size)
     gallery = tf.constant(x)
+    own = queries is None
+    queries = gallery if own else tf.constant(queries)
+    num_queries = int(queries.shape[0])
+    chunk = _chunk_rows(n, chunk_size)
     if labels is not None:
         cls, members_table, _ = _class_tables(labels)
     block = _block_size(n, min(k + 1, n - 1)) if k > 0 else 1
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        rows = np.arange(start, stop)
+    for start in range(0, num_queries, chunk):
+        stop = min(num_queries, start + chunk)
+        rows = np.arange(start, stop) if own else np.asarray(exclude[start:stop], np.int64)
         rows_tf = tf.constant(rows, tf.int32)
         members = tf.constant(members_table[cls[rows]] if with_rank else np.zeros((len(rows), 1), np.int32))
-        sims = tf.matmul(gallery[start:stop], gallery, transpose_b=True)
+        sims = tf.matmul(queries[start:stop], gallery, transpose_b=True)
         ahead, block_max = _scan_chunk(sims, rows_tf, members, block, with_rank, k > 0)
         nbrs = _top_k_chunk(sims, rows_tf, block_max, block, k, rows) if k > 0 else None
         yield slice(start, stop), (ahead.numpy() if with_rank else None), nbrs
 
 
-def nearest_neighbors(embeddings, k: int, *, chunk_size: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """The k most similar other images of every image, in chunks with bounded memory.
+def nearest_neighbors(embeddings, k: int, *, queries=None, exclude=None,
+                      chunk_size: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """The k most similar other images of every image (or of each of `queries`), in chunks with bounded memory.
+
+    The one nearest-neighbour search of the package: evaluation uses it leave-one-out, the retrieval index
+    (`hdml_tf.retrieval.search`) with outside queries.
 
     Order: similarity descending, ties by lower index first (guaranteed, see the module docstring).
 
@@ -227,21 +241,35 @@ def nearest_neighbors(embeddings, k: int, *, chunk_size: Optional[int] = None) -
     float32 buffer), plus the k-lists. Total, ~ 4 c N bytes + O(c (N / B + k B)); the result is N x k.
 
     Args:
-      embeddings: float [N, E], L2-normalized.
-      k: neighbours per image, 1 <= k <= N - 1.
+      embeddings: float [N, E], L2-normalized: the gallery.
+      k: neighbours per query, 1 <= k <= N - 1 (N with outside queries that exclude nothing).
+      queries: None (every gallery row queries the others), or float [Q, E] L2-normalized outside queries.
+      exclude: with `queries`, int [Q]: a gallery row each query must not retrieve (its own entry), -1 for none.
       chunk_size: query rows per chunk; None sizes chunks to DEFAULT_CHUNK_BYTES.
     Returns:
-      indices: int64 [N, k] gallery indices (never the query itself).
-      similarities: float32 [N, k] dot products, non-increasing along each row.
+      indices: int64 [Q, k] gallery indices (never the query itself / its excluded row).
+      similarities: float32 [Q, k] dot products, non-increasing along each row.
     Raises:
-      ValueError: bad shapes, non-finite values or k outside 1..N-1.
+      ValueError: bad shapes, non-finite values or k out of range.
     """
     x, _ = _check_inputs(embeddings, np.zeros(len(np.asarray(embeddings)), np.int64))
-    if not isinstance(k, (int, np.integer)) or k < 1 or k > len(x) - 1:
-        raise ValueError(f"nearest_neighbors needs 1 <= k <= N-1 = {len(x) - 1}, got k={k!r}")
-    idx = np.empty((len(x), k), np.int64)
-    sim = np.empty((len(x), k), np.float32)
-    for rows, _, (i, s) in _scan(x, None, int(k), False, chunk_size):
+    q = None
+    if queries is not None:
+        q = np.asarray(queries, np.float32)
+        if q.ndim != 2 or q.shape[1] != x.shape[1] or not np.all(np.isfinite(q)):
+            raise ValueError(f"queries must be finite [Q, {x.shape[1]}], got shape {q.shape}")
+        exclude = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+        if exclude.shape != (len(q),) or np.any(exclude >= len(x)):
+            raise ValueError(f"exclude must be [Q] = [{len(q)}] gallery rows or -1, got {exclude}")
+    limit = len(x) - 1 if q is None or np.any(exclude >= 0) else len(x)
+    if not isinstance(k, (int, np.integer)) or k < 1 or k > limit:
+        raise ValueError(f"nearest_neighbors needs 1 <= k <= {limit}, got k={k!r}")
+    count = len(x) if q is None else len(q)
+    idx = np.empty((count, k), np.int64)
+    sim = np.empty((count, k), np.float32)
+    if count == 0:
+        return idx, sim
+    for rows, _, (i, s) in _scan(x, None, int(k), False, chunk_size, queries=q, exclude=exclude):
         idx[rows], sim[rows] = i, s
     return idx, sim
 
