@@ -13,11 +13,13 @@ import hashlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -212,6 +214,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(part)))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
+        if isinstance(behaviour, tuple) and behaviour[0] == "slow":  # ("slow", bytes per write, seconds between)
+            for i in range(0, len(part), behaviour[1]):
+                self.wfile.write(part[i:i + behaviour[1]])
+                self.wfile.flush()
+                time.sleep(behaviour[2])
+            return
         if isinstance(behaviour, tuple) and behaviour[0] == "drop":
             self.wfile.write(part[:behaviour[1]])  # then hang up in the middle of the body
             self.wfile.flush()
@@ -221,10 +229,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(part)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a client that hangs up mid-body is part of the tests
+        pass
+
+
 @pytest.fixture
 def server():
     """A local HTTP server: .files {path: bytes}, .plans {path: [behaviour per request]}, .requests log, .url."""
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv = _Server(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
     srv.files, srv.plans, srv.requests, srv.lock = {}, {}, [], threading.Lock()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -464,6 +479,35 @@ def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
     assert f"resumed CUB_200_2011.tgz at byte 700 from {server.url}/CUB_200_2011.tgz" in result.steps
     assert (tmp_path / "downloads" / "CUB_200_2011.tgz").read_bytes() == data and not partial.exists()
     assert result.report.train.images == 6 and result.report.test.images == 5
+
+
+def test_ctrl_c_keeps_the_partial_file_and_the_next_run_resumes(server, tmp_path):
+    """SIGINT to the tool in the middle of a slow transfer: one line, exit 130, the bytes so far kept; then resume."""
+    files = SMALL["sop"]()
+    data = files["Stanford_Online_Products.zip"]
+    table = local_sources(server, "sop", files)
+    server.plans["/Stanford_Online_Products.zip"] = [("slow", 128, 0.05)]  # about 3 s for the whole file
+    sources = tmp_path / "sources.json"
+    sources.write_text(download.sources_to_json({"sop": table["sop"]}))
+    partial = download._partial_path(tmp_path / "data" / "downloads", table["sop"].files[0],
+                                     f"{server.url}/Stanford_Online_Products.zip")
+    tool = subprocess.Popen([sys.executable, str(ROOT / "tools" / "download.py"), "sop",
+                             f"--data_dir={tmp_path / 'data'}", f"--sources={sources}", "--noprogress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (partial.exists() and partial.stat().st_size >= 512) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    tool.send_signal(signal.SIGINT)
+    _, err = tool.communicate(timeout=60)
+    assert tool.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"interrupted: partial downloads stay in {tmp_path / 'data' / 'downloads'}; "
+                                            f"run the same command again to resume")
+    have = partial.stat().st_size
+    assert 512 <= have < len(data) and partial.read_bytes() == data[:have]
+    assert not (tmp_path / "data" / "Stanford_Online_Products").exists()
+    result = fetch("sop", tmp_path / "data", table)
+    assert server.requests[-1] == ("/Stanford_Online_Products.zip", f"bytes={have}-")
+    assert result.report.train.images == 5
 
 
 def test_broken_transfer_is_resumed_within_one_call(server, tmp_path):

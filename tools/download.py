@@ -90,8 +90,15 @@ def main(argv):
         raise HDMLError(f"--retries={f.retries} must be >= 0 and --timeout={f.timeout} > 0")
 
     from hdml_tf.data.download import download_dataset
-    result = download_dataset(dataset, f.data_dir, archives=f.archive, sources=table, keep_archives=f.keep_archive,
-                              retries=f.retries, timeout=f.timeout, progress=f.progress)
+    try:
+        result = download_dataset(dataset, f.data_dir, archives=f.archive, sources=table,
+                                  keep_archives=f.keep_archive, retries=f.retries, timeout=f.timeout,
+                                  progress=f.progress)
+    except KeyboardInterrupt:
+        # Ctrl-C: what was downloaded stays in DIR/downloads (and unpacked files are whole), so say how to go on.
+        print(f"\ninterrupted: partial downloads stay in {os.path.join(f.data_dir, 'downloads')}; run the same "
+              f"command again to resume", file=sys.stderr)
+        sys.exit(130)
     if result.already_complete:
         print(f"nothing to do, a complete copy is already there: {result.report.summary()}")
     else:

@@ -492,10 +492,13 @@ def _fetch(file: ArchiveFile, source: Source, downloads: Path, *, retries: int, 
             bar = ByteProgress(label, expected, done=start, stream=stream, enabled=progress)
             got, failure = start, None
             try:
+                # read1 returns what has arrived (up to 1 MiB), so a slow or broken connection still leaves
+                # every received byte in the partial file.
+                read = getattr(response, "read1", None) or response.read
                 with open(partial, "r+b" if start else "wb") as out:
                     out.seek(start)
                     out.truncate()
-                    for block in iter(lambda: response.read(_CHUNK), b""):
+                    for block in iter(lambda: read(_CHUNK), b""):
                         out.write(block)
                         got += len(block)
                         bar.update(len(block))
@@ -808,7 +811,7 @@ def _run(src: DatasetSource, root: Path, downloads: Path, layout: str, archives:
         return DownloadResult(dataset, str(root), before, True, (f"found a complete copy in {root}",))
     if before is not None:
         steps.append(f"found a partial copy ({before.summary()}); completing it from the archive")
-        log.warning(steps[-1])
+        log.info(steps[-1])  # the reader has already warned about the partial copy
 
     # 1. every archive, verified, before anything is unpacked
     given: Dict[str, Path] = {}
