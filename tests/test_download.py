@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -650,6 +651,44 @@ def test_archive_with_the_wrong_layout_is_refused_before_unpacking(server, tmp_p
                                         r"published format"):
         fetch("cars196", tmp_path / "cars", table)
     assert sorted(os.listdir(tmp_path / "cars")) == ["downloads"]
+
+
+def test_failed_unpack_leaves_only_whole_files_and_the_next_run_completes(server, tmp_path, monkeypatch):
+    files = SMALL["cub200"]()
+    table = local_sources(server, "cub200", files)
+    real_copy = download.shutil.copyfileobj
+    calls = []
+
+    def copy_until_the_disk_is_full(src, dst, length=0):
+        calls.append(Path(dst.name))  # where the bytes go while they are written
+        if len(calls) == 4:  # the 4th member: half of it, then ENOSPC
+            dst.write(src.read(100))
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst, length)
+
+    monkeypatch.setattr(download.shutil, "copyfileobj", copy_until_the_disk_is_full)
+    with pytest.raises(DataError, match=r"unpacking .*CUB_200_2011.tgz into .* failed at '(.*)' \(OSError: \[Errno "
+                                        r"28\] No space left on device\); the files unpacked so far are whole: free "
+                                        r"some space and run the same command again") as info:
+        fetch("cub200", tmp_path, table)
+    failed = re.search(r"failed at '([^']*)'", str(info.value)).group(1)
+    assert not (tmp_path / failed).exists()  # never a truncated file under its real name, even after a kill -9:
+    assert all(p.name.startswith(".") and p.name.endswith(".unpacking") for p in calls)  # bytes go to a temp name
+    written = unpacked_files(tmp_path)
+    assert len(written) == 3 and not any("unpacking" in w for w in written)
+    with tarfile.open(fileobj=io.BytesIO(files["CUB_200_2011.tgz"])) as tar:
+        assert all((tmp_path / w).read_bytes() == tar.extractfile(w).read() for w in written)
+    monkeypatch.setattr(download.shutil, "copyfileobj", real_copy)
+    result = fetch("cub200", tmp_path, table)  # the verified archive is still in downloads/: no new request
+    assert len(server.requests) == 1 and result.report.train.images == 6
+
+
+def test_archive_that_is_not_one_is_a_clear_error(server, tmp_path):
+    table = local_sources(server, "sop", {"Stanford_Online_Products.zip": b"PK\x03\x04 truncated"})
+    with pytest.raises(DataError, match=r"Stanford_Online_Products.zip cannot be read as a zip archive \(BadZipFile: "
+                                        r"File is not a zip file\); expected Stanford_Online_Products.zip as its "
+                                        r"distributor publishes it"):
+        fetch("sop", tmp_path, table)
 
 
 @pytest.mark.parametrize("member", ["../escaped.txt", "/tmp/absolute.txt", "link"])

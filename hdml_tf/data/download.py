@@ -169,8 +169,8 @@ SOURCES: Dict[str, DatasetSource] = {
                 note="the original archive (11,788 images, 200 classes)"),),
             sources=(
                 Source("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1", "official",
-                       "CaltechDATA record 65de6-vp158, the archive's home since Caltech retired "
-                       "www.vision.caltech.edu/visipedia-data (used by pytorch-metric-learning's CUB dataset)"),
+                       "CaltechDATA record 65de6-vp158, which replaced the www.vision.caltech.edu/visipedia-data "
+                       "link (pytorch-metric-learning's CUB dataset downloads it)"),
                 Source("https://s3.amazonaws.com/fast-ai-imageclas/CUB_200_2011.tgz", "mirror",
                        "fastai's copy (fastai/fastai fastai/data/checks.txt lists the same size; FastAI.jl the same "
                        "SHA-256)"),
@@ -546,28 +546,46 @@ def _member_name(name: str, archive: Path) -> str:
     return "/".join(parts)
 
 
+def _entries(file: ArchiveFile, path: Path):
+    """Yields (raw name, size in bytes, kind, open) per member in archive order; kind is "file", "dir" or "other"
+    (links, devices), open() returns a readable stream of a file member."""
+    if file.format == "tgz":
+        with tarfile.open(path, "r:gz") as tar:
+            for m in tar:  # sequential: one pass over the gzip stream
+                kind = "file" if m.isfile() else "dir" if m.isdir() else "other"
+                yield m.name, m.size, kind, (lambda m=m: tar.extractfile(m))
+    else:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                kind = "other" if stat.S_ISLNK(info.external_attr >> 16) else "dir" if info.is_dir() else "file"
+                yield info.filename, info.file_size, kind, (lambda info=info: z.open(info))
+
+
+def _archive_error(file: ArchiveFile, path: Path, error: BaseException) -> DataError:
+    kind = {"tgz": "gzip'ed tar archive", "zip": "zip archive"}[file.format]
+    return DataError(f"{path} cannot be read as a {kind} ({_describe(error)}); expected {file.name} as its "
+                     f"distributor publishes it")
+
+
+_ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError)
+
+
 def _list_members(file: ArchiveFile, path: Path) -> List[Tuple[str, int, bool]]:
-    """(normalized name, size, is_dir) of every member; DataError for links, devices and unreadable archives."""
+    """(normalized name, size, is_dir) of every member ([] for a plain file); DataError for links, devices and
+    unreadable archives."""
     members = []
+    if file.format == "file":
+        return members
     try:
-        if file.format == "tgz":
-            with tarfile.open(path, "r:gz") as tar:
-                for m in tar:
-                    if not (m.isfile() or m.isdir()):
-                        raise DataError(f"{path} holds {m.name!r}, a link or special file; refusing to unpack it")
-                    members.append((_member_name(m.name, path), m.size, m.isdir()))
-        elif file.format == "zip":
-            with zipfile.ZipFile(path) as z:
-                for info in z.infolist():
-                    mode = info.external_attr >> 16
-                    if stat.S_ISLNK(mode):
-                        raise DataError(f"{path} holds {info.filename!r}, a symbolic link; refusing to unpack it")
-                    members.append((_member_name(info.filename, path), info.file_size, info.is_dir()))
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-        kind = {"tgz": "gzip'ed tar archive", "zip": "zip archive"}[file.format]
-        raise DataError(f"{path} cannot be read as a {kind} ({_describe(e)}); expected {file.name} as its "
-                        f"distributor publishes it") from None
-    return [m for m in members if m[0]]
+        for raw, size, kind, _ in _entries(file, path):
+            if kind == "other":
+                raise DataError(f"{path} holds {raw!r}, a link or special file; refusing to unpack it")
+            name = _member_name(raw, path)
+            if name:
+                members.append((name, size, kind == "dir"))
+    except _ARCHIVE_ERRORS as e:
+        raise _archive_error(file, path, e) from None
+    return members
 
 
 def _check_layout(file: ArchiveFile, path: Path, members: Sequence[Tuple[str, int, bool]], layout: str) -> None:
@@ -592,56 +610,52 @@ def _check_layout(file: ArchiveFile, path: Path, members: Sequence[Tuple[str, in
 def _write_atomic(target: Path, reader) -> None:
     """Copies a readable stream to target through a temporary name in the same folder, then renames it."""
     tmp = target.with_name(f".{target.name}.unpacking")
-    with open(tmp, "wb") as out:
-        shutil.copyfileobj(reader, out, _CHUNK)
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(reader, out, _CHUNK)
+        os.replace(tmp, target)
+    except BaseException:  # a full disk, Ctrl-C: leave neither a truncated file nor the temporary one
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _unpack(file: ArchiveFile, path: Path, members: Sequence[Tuple[str, int, bool]], data_dir: Path,
             progress: bool, stream: Optional[TextIO], label: str) -> int:
     """Unpacks (or, for format "file", copies) into data_dir; returns the number of files written."""
     if file.format == "file":
-        _write_atomic(data_dir / file.name, open(path, "rb"))
+        with open(path, "rb") as f:
+            _write_atomic(data_dir / file.name, f)
         return 1
     total = sum(size for _, size, is_dir in members if not is_dir)
-    _check_space(data_dir, total, f"unpacking {file.name}")
+    # Files already there (a partial copy being completed) are replaced, so their space comes back.
+    present = sum(os.path.getsize(data_dir / n) for n, _, is_dir in members
+                  if not is_dir and os.path.isfile(data_dir / n))
+    _check_space(data_dir, total - present, f"unpacking {file.name}")
+    log.info("unpacking %s (%s in %s files) into %s", file.name, format_bytes(total),
+             f"{sum(not d for _, _, d in members):,}", data_dir)
     bar = ByteProgress(label, total, stream=stream, enabled=progress)
-    written = 0
-    current = None
+    written, current = 0, None
     try:
-        if file.format == "tgz":
-            with tarfile.open(path, "r:gz") as tar:
-                for m in tar:  # sequential: one pass over the gzip stream
-                    current = _member_name(m.name, path)
-                    if not current:
-                        continue
-                    target = data_dir / current
-                    if m.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    _write_atomic(target, tar.extractfile(m))
-                    written += 1
-                    bar.update(m.size)
-        else:
-            with zipfile.ZipFile(path) as z:
-                for info in z.infolist():
-                    current = _member_name(info.filename, path)
-                    if not current:
-                        continue
-                    target = data_dir / current
-                    if info.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with z.open(info) as member:
-                        _write_atomic(target, member)
-                    written += 1
-                    bar.update(info.file_size)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-        raise DataError(f"unpacking {path} into {data_dir} failed at {current!r} ({_describe(e)}); files unpacked "
-                        f"so far are whole: run the same command again") from None
-    bar.close()
+        for raw, size, kind, open_member in _entries(file, path):
+            current = _member_name(raw, path)
+            if not current:
+                continue
+            target = data_dir / current
+            if kind == "dir":
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open_member() as member:
+                _write_atomic(target, member)
+            written += 1
+            bar.update(size)
+    except _ARCHIVE_ERRORS as e:
+        again = ("free some space and run the same command again" if getattr(e, "errno", None) == errno.ENOSPC
+                 else "run the same command again")
+        raise DataError(f"unpacking {path} into {data_dir} failed at {current!r} ({_describe(e)}); the files "
+                        f"unpacked so far are whole: {again}") from None
+    finally:
+        bar.close()
     return written
 
 
