@@ -175,6 +175,12 @@ class _Handler(BaseHTTPRequestHandler):
         if count > MAX_REQUESTS:
             self.send_error(503, "request budget of the test server used up")
             return
+        if isinstance(behaviour, tuple) and behaviour[0] == "redirect":  # as CaltechDATA and Drive do
+            self.send_response(302)
+            self.send_header("Location", srv.url + behaviour[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if behaviour == "close":
             self.close_connection = True  # no status line at all
             return
@@ -509,6 +515,19 @@ def test_ctrl_c_keeps_the_partial_file_and_the_next_run_resumes(server, tmp_path
     result = fetch("sop", tmp_path / "data", table)
     assert server.requests[-1] == ("/Stanford_Online_Products.zip", f"bytes={have}-")
     assert result.report.train.images == 5
+
+
+def test_resume_through_a_redirect_keeps_the_range(server, tmp_path):
+    files = SMALL["cub200"]()
+    data = files["CUB_200_2011.tgz"]
+    table = local_sources(server, "cub200", files, prefix="record/")
+    server.files["/storage/CUB_200_2011.tgz"] = data
+    server.plans["/record/CUB_200_2011.tgz"] = [("redirect", "/storage/CUB_200_2011.tgz")] * 2
+    server.plans["/storage/CUB_200_2011.tgz"] = [("drop", 1200)]
+    result = fetch("cub200", tmp_path, table, retries=1)
+    assert server.requests == [("/record/CUB_200_2011.tgz", None), ("/storage/CUB_200_2011.tgz", None),
+                               ("/record/CUB_200_2011.tgz", "bytes=1200-"), ("/storage/CUB_200_2011.tgz", "bytes=1200-")]
+    assert result.report.train.images == 6
 
 
 def test_broken_transfer_is_resumed_within_one_call(server, tmp_path):

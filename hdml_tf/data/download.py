@@ -192,7 +192,7 @@ SOURCES: Dict[str, DatasetSource] = {
                     note="the original archive of all 16,185 images"),),
                 sources=(Source("http://ai.stanford.edu/~jkrause/car196/car_ims.tgz", "official",
                                 "gone since 2023 (pytorch/vision#7545, tensorflow/datasets#4932); tried in case it "
-                                "returns; before 2021 it was http://imagenet.stanford.edu/internal/car196/"),),
+                                "returns; earlier it was http://imagenet.stanford.edu/internal/car196/"),),
                 required=("car_ims/",)),
             ArchiveFile(
                 name="cars_annos.mat", format="file",
