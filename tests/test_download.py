@@ -507,8 +507,8 @@ def test_ctrl_c_keeps_the_partial_file_and_the_next_run_resumes(server, tmp_path
     tool.send_signal(signal.SIGINT)
     _, err = tool.communicate(timeout=60)
     assert tool.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == (f"interrupted: partial downloads stay in {tmp_path / 'data' / 'downloads'}; "
-                                            f"run the same command again to resume")
+    assert err.strip().splitlines()[-1] == (f"interrupted: partial downloads stay in "
+                                            f"{tmp_path / 'data' / 'downloads'}; run the same command again to resume")
     have = partial.stat().st_size
     assert 512 <= have < len(data) and partial.read_bytes() == data[:have]
     assert not (tmp_path / "data" / "Stanford_Online_Products").exists()
@@ -526,7 +526,8 @@ def test_resume_through_a_redirect_keeps_the_range(server, tmp_path):
     server.plans["/storage/CUB_200_2011.tgz"] = [("drop", 1200)]
     result = fetch("cub200", tmp_path, table, retries=1)
     assert server.requests == [("/record/CUB_200_2011.tgz", None), ("/storage/CUB_200_2011.tgz", None),
-                               ("/record/CUB_200_2011.tgz", "bytes=1200-"), ("/storage/CUB_200_2011.tgz", "bytes=1200-")]
+                               ("/record/CUB_200_2011.tgz", "bytes=1200-"),
+                               ("/storage/CUB_200_2011.tgz", "bytes=1200-")]
     assert result.report.train.images == 6
 
 
@@ -614,9 +615,10 @@ def test_unusable_sources_are_skipped_in_order(server, tmp_path):
     with pytest.raises(DataError) as info:
         fetch("cub200", tmp_path / "again", table, retries=1)
     message = str(info.value)
-    assert message.startswith(f"cub200: no source of CUB_200_2011.tgz could be used: {server.url}/gone/CUB_200_2011.tgz "
-                              f"(HTTP 404 Not Found); {server.url}/page/CUB_200_2011.tgz (sent a web page (text/html) "
-                              f"instead of the file: the host may want a login or a click to confirm); "
+    assert message.startswith(f"cub200: no source of CUB_200_2011.tgz could be used: "
+                              f"{server.url}/gone/CUB_200_2011.tgz (HTTP 404 Not Found); "
+                              f"{server.url}/page/CUB_200_2011.tgz (sent a web page (text/html) instead of the file: "
+                              f"the host may want a login or a click to confirm); "
                               f"{server.url}/mute/CUB_200_2011.tgz (")
     assert "2 time(s)); " in message and message.endswith(download.SOURCES["cub200"].hint) and "\n" not in message
 

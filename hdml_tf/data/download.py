@@ -150,7 +150,8 @@ class DatasetSource:
     hint: str = ""
 
 
-_PML = "pytorch-metric-learning's benchmark suite (github KevinMusgrave/powerful-benchmarker, src/powerful_benchmarker/datasets/{})"
+_PML = ("pytorch-metric-learning's benchmark suite (github KevinMusgrave/powerful-benchmarker, "
+        "src/powerful_benchmarker/datasets/{})")
 _TFDS = "TensorFlow Datasets (github tensorflow/datasets, tensorflow_datasets/{})"
 
 SOURCES: Dict[str, DatasetSource] = {
