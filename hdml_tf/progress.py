@@ -4,8 +4,9 @@ Standard library only, so a tool that only moves files never imports TensorFlow.
 image counts in `hdml_tf.data.images`, prints raw integers and time per unit on stdout, which reads badly for
 gigabytes: "412345678/1150585339 ... 0us/byte".)
 
-On a terminal the line is redrawn in place (carriage return) at most every 0.2 s; into a file or a pipe, one full
-line is written at most every 10 s, so a log of a three-hour download stays short. The final line is always written.
+On a terminal the line is redrawn in place (carriage return) every 0.2 s; into a file or a pipe, one full line is
+written every 10 s, so a log of a three-hour download stays short. The final line is always written; the time left
+is shown once a second of transfer gives a rate to extrapolate.
 
     cub200 CUB_200_2011.tgz: 412.3 MiB of 1.07 GiB (37%), 5.2 MiB/s, 2:11 left
 """
@@ -61,7 +62,7 @@ class ByteProgress:
         self._enabled = enabled
         self._clock = clock
         self._start = clock()
-        self._last_draw = None
+        self._last_draw = self._start  # the first line after one interval: a rate over no time means nothing
         self._width = 0
         out = self.stream
         self._tty = bool(getattr(out, "isatty", lambda: False)())
@@ -84,7 +85,7 @@ class ByteProgress:
             parts = [f"{format_bytes(self.done)} of {format_bytes(self.total)} "
                      f"({min(100, int(100 * self.done / self.total))}%)"]
         parts.append(f"{format_bytes(rate)}/s")
-        if self.total and rate > 0 and self.done < self.total:
+        if self.total and rate > 0 and self.done < self.total and self._clock() - self._start >= 1.0:
             parts.append(f"{format_duration((self.total - self.done) / rate)} left")
         return f"{self.label}: " + ", ".join(parts)
 
@@ -92,7 +93,7 @@ class ByteProgress:
         """Adds n bytes and redraws when the last drawing is old enough."""
         self.done += n
         now = self._clock()
-        if self._enabled and (self._last_draw is None or now - self._last_draw >= self._interval):
+        if self._enabled and now - self._last_draw >= self._interval:
             self._draw(final=False)
             self._last_draw = now
 

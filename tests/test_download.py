@@ -298,18 +298,33 @@ def test_progress_line_bytes_rate_and_time_left():
         "0 B", "512 B", "1.50 KiB", "1.07 GiB", "2.87 GiB"]
     assert [format_duration(s) for s in (0, 75, 3725)] == ["0:00", "1:15", "1:02:05"]
     now = [100.0]
-    out = io.StringIO()  # not a terminal: whole lines, at most one per 10 s, plus the last
+    out = io.StringIO()  # not a terminal: whole lines, one per 10 s, plus the last
     bar = ByteProgress("cub200 CUB_200_2011.tgz", total=100 * 2**20, done=20 * 2**20, stream=out,
                        clock=lambda: now[0])
-    now[0] = 102.0
-    bar.update(10 * 2**20)  # 10 MiB in 2 s: 5 MiB/s; 70 MiB left: 14 s
-    now[0] = 104.0
+    now[0] = 105.0
+    bar.update(2**20)  # 5 s after the start: not drawn yet
+    now[0] = 110.0
+    bar.update(19 * 2**20)  # 20 MiB in 10 s: 2 MiB/s; 60 MiB left: 30 s
+    now[0] = 115.0
     bar.update(10 * 2**20)  # within 10 s of the last line: not drawn
-    now[0] = 108.0
+    now[0] = 120.0
     bar.close()
-    lines = out.getvalue().splitlines()
-    assert lines == ["cub200 CUB_200_2011.tgz: 30.0 MiB of 100.0 MiB (30%), 5.00 MiB/s, 0:14 left",
-                     "cub200 CUB_200_2011.tgz: 40.0 MiB of 100.0 MiB (40%), 2.50 MiB/s, 0:24 left, 0:08 in all"]
+    assert out.getvalue().splitlines() == [
+        "cub200 CUB_200_2011.tgz: 40.0 MiB of 100.0 MiB (40%), 2.00 MiB/s, 0:30 left",
+        "cub200 CUB_200_2011.tgz: 50.0 MiB of 100.0 MiB (50%), 1.50 MiB/s, 0:33 left, 0:20 in all"]
+    tty = io.StringIO()
+    tty.isatty = lambda: True  # a terminal: redrawn in place every 0.2 s, no time left before 1 s
+    bar = ByteProgress("x", total=1000, stream=tty, clock=lambda: now[0])
+    now[0] += 0.5
+    bar.update(100)
+    now[0] += 0.1
+    bar.update(100)
+    now[0] += 0.5
+    bar.update(100)
+    bar.close()
+    assert tty.getvalue() == ("\rx: 100 B of 1000 B (10%), 200 B/s"
+                              "\rx: 300 B of 1000 B (30%), 272 B/s, 0:03 left"
+                              "\rx: 300 B of 1000 B (30%), 272 B/s, 0:03 left, 0:01 in all\n")
 
 
 # ------------------------------------------------------------------------------------------- the table

@@ -635,17 +635,19 @@ def _unpack(file: ArchiveFile, path: Path, members: Sequence[Tuple[str, int, boo
     log.info("unpacking %s (%s in %s files) into %s", file.name, format_bytes(total),
              f"{sum(not d for _, _, d in members):,}", data_dir)
     bar = ByteProgress(label, total, stream=stream, enabled=progress)
-    written, current = 0, None
+    written, current, folders = 0, None, set()
     try:
         for raw, size, kind, open_member in _entries(file, path):
             current = _member_name(raw, path)
             if not current:
                 continue
             target = data_dir / current
+            folder = target if kind == "dir" else target.parent
+            if folder not in folders:  # one mkdir per folder, not per file (SOP has 120,053 files)
+                folder.mkdir(parents=True, exist_ok=True)
+                folders.add(folder)
             if kind == "dir":
-                target.mkdir(parents=True, exist_ok=True)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             with open_member() as member:
                 _write_atomic(target, member)
             written += 1
