@@ -218,6 +218,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             part = body
         self.send_header("Content-Type", "application/octet-stream")
+        if isinstance(behaviour, tuple) and behaviour[0] == "cut":  # no length announced, body ends early
+            self.end_headers()
+            self.wfile.write(part[:behaviour[1]])
+            return
         self.send_header("Content-Length", str(len(part)))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
@@ -664,10 +668,29 @@ def test_wrong_checksum_is_one_line_keeps_the_file_and_unpacks_nothing(server, t
     partial = download._partial_path(tmp_path / "downloads", table["sop"].files[0], url)
     assert message == (f"Stanford_Online_Products.zip from {url} does not match its published checksum: sha256 "
                        f"{hashlib.sha256(data).hexdigest()}, expected {published} (published in this test); it is "
-                       f"kept at {partial} and nothing was unpacked (if a mirror changed the file, delete it and pass "
-                       f"the official archive with --archive)")
+                       f"kept at {partial} and nothing was unpacked (delete it to download it again, or pass the "
+                       f"official archive with --archive)")
     assert partial.read_bytes() == data  # kept under its temporary name, never renamed or unpacked
     assert os.listdir(tmp_path) == ["downloads"] and os.listdir(tmp_path / "downloads") == [partial.name]
+
+
+def test_cut_short_without_any_size_is_a_mismatch_and_the_next_run_resumes(server, tmp_path):
+    """Cars196 publishes no sizes; a server that announces none either and stops early looks finished."""
+    files = SMALL["cars196"]()
+    table = local_sources(server, "cars196", files)
+    unsized = tuple(dataclasses.replace(f, variants=(dataclasses.replace(f.variants[0], size=None),))
+                    for f in table["cars196"].files)
+    table["cars196"] = dataclasses.replace(table["cars196"], files=unsized)
+    server.plans["/car_ims.tgz"] = [("cut", 300)]
+    assert len(files["car_ims.tgz"]) > 300
+    with pytest.raises(download.ChecksumMismatch, match=r"car_ims.tgz from .* does not match its published "
+                                                        r"checksum: .*\(if the transfer was cut short the same command "
+                                                        r"resumes it; else delete it\)"):
+        fetch("cars196", tmp_path, table)
+    assert not (tmp_path / "car_ims").exists()
+    result = fetch("cars196", tmp_path, table)
+    assert server.requests == [("/car_ims.tgz", None), ("/car_ims.tgz", "bytes=300-"), ("/cars_annos.mat", None)]
+    assert result.report.train.images == 5
 
 
 def test_archive_with_the_wrong_layout_is_refused_before_unpacking(server, tmp_path):

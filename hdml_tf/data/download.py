@@ -724,9 +724,11 @@ def _verify_download(file: ArchiveFile, variant: Variant, path: Path, url: str, 
     digests = file_digests(path, _algorithms([variant]), progress, stream, f"checking {file.name}")
     problem = _mismatch(variant, path.stat().st_size, digests)
     if problem:
+        # Without a published size a transfer cut short looks complete; the kept file then resumes on the next run.
+        what_next = ("delete it to download it again, or pass the official archive with --archive" if variant.size
+                     else "if the transfer was cut short the same command resumes it; else delete it")
         raise ChecksumMismatch(f"{file.name} from {url} does not match its published checksum: {problem}; it is kept "
-                               f"at {path} and nothing was unpacked (if a mirror changed the file, delete it and "
-                               f"pass the official archive with --archive)")
+                               f"at {path} and nothing was unpacked ({what_next})")
 
 
 def _obtain(src: DatasetSource, file: ArchiveFile, downloads: Path, *, retries, retry_wait, timeout, opener,
