@@ -797,7 +797,9 @@ def download_dataset(dataset: str, data_dir, *, archives: Sequence = (),
     if dataset not in table:
         raise ConfigError(f"dataset={dataset!r} cannot be downloaded; expected one of {', '.join(sorted(table))}")
     src = table[dataset]
-    layout = {"cub200": readers.CUB_LAYOUT, "cars196": readers.CARS_LAYOUT, "sop": readers.SOP_LAYOUT}.get(dataset, "")
+    from hdml_tf.data import datasets
+    spec = datasets.find(dataset)
+    layout = spec.layout if spec is not None else ""
     root = Path(data_dir).expanduser()
     downloads = root / DOWNLOADS
     try:
