@@ -140,6 +140,55 @@ def configs_from_flags():
     return run, hdml, optim
 
 
+def read_flagfile(path) -> dict:
+    """{flag name: value string} of an absl flagfile (comments dropped, nested --flagfile expanded, the last value
+    of a repeated flag kept; a bare `--name` reads as "true"). Raises ConfigError when it cannot be read."""
+    from hdml_tf.config import ConfigError
+    try:
+        args = FLAGS.read_flags_from_files([f"--flagfile={path}"], force_gnu=True)
+    except flags.Error as e:
+        raise ConfigError(f"flagfile {path}: {e}") from None
+    values = {}
+    for arg in args:
+        name, sep, value = arg.lstrip("-").partition("=")
+        values[name] = value if sep else "true"
+    return values
+
+
+#: Flag names (tools/train.py's) of the fields of OptimConfig whose field names differ from them.
+_OPTIM_FLAG_NAMES = {"decay_steps": "lr_decay_steps", "decay_factor": "lr_decay_factor"}
+
+
+def method_configs(values: dict):
+    """(HDMLConfig, OptimConfig) from flag values as strings, named as tools/train.py's flags (`read_flagfile`);
+    fields without a value keep their defaults, values of other flags are ignored. Raises ConfigError."""
+    import dataclasses
+
+    from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig
+
+    def convert(name, text, default):
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                return text.lower() in ("true", "1")
+            if isinstance(default, tuple):
+                return tuple(int(v) for v in text.split(",") if v.strip())
+            return type(default)(text)
+        except ValueError:
+            raise ConfigError(f"--{name}={text}: expected a {type(default).__name__}") from None
+
+    found = []
+    for cls, names in ((HDMLConfig, {}), (OptimConfig, _OPTIM_FLAG_NAMES)):
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            flag = names.get(field.name, field.name)
+            if flag in values:
+                kwargs[field.name] = convert(flag, values[flag], field.default)
+        found.append(cls(**kwargs))
+    return tuple(found)
+
+
 def parse_flags(argv):
     """absl's parser, but a bad flag is one `error:` line and exit code 2 like every other user error.
 
