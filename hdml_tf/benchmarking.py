@@ -152,18 +152,20 @@ def _memory_total_bytes() -> Optional[int]:
 
 
 def nvidia_smi(timeout: float = 15.0) -> Optional[List[Dict[str, str]]]:
-    """One dict per GPU from `nvidia-smi --query-gpu` (name, driver, memory, compute capability), or None when
-    nvidia-smi is absent or fails (no NVIDIA driver)."""
-    fields = ("name", "driver_version", "memory.total", "compute_cap", "power.limit", "clocks.max.sm")
-    try:
-        proc = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if proc.returncode != 0:
-        return None
-    return [dict(zip(fields, (part.strip() for part in line.split(","))))
-            for line in proc.stdout.strip().splitlines() if line.strip()]
+    """One dict per GPU from `nvidia-smi --query-gpu` (name, driver, memory, compute capability, power limit, max
+    SM clock), or None when nvidia-smi is absent or fails (no NVIDIA driver). An older driver that does not know
+    a field is asked again for the basic fields only."""
+    for fields in (("name", "driver_version", "memory.total", "compute_cap", "power.limit", "clocks.max.sm"),
+                   ("name", "driver_version", "memory.total")):
+        try:
+            proc = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if proc.returncode == 0:
+            return [dict(zip(fields, (part.strip() for part in line.split(","))))
+                    for line in proc.stdout.strip().splitlines() if line.strip()]
+    return None
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -325,20 +327,21 @@ class TimedVariant:
         return statistics.median(w for w, _ in self.blocks) if self.blocks else None
 
     def summary(self) -> dict:
-        """Plain values: tags, then the timings (or the error)."""
-        found = dict(self.tags)
+        """Plain values: the tags, the warm-up (once done), the timings (once timed: else `timed` False) and the
+        error, if any."""
+        found = dict(self.tags, batch_size=self.batch_size)
+        if self.warmup_seconds is not None:
+            found.update(warmup_and_compile_seconds=self.warmup_seconds, build_seconds=self.build_seconds,
+                         first_step_seconds=self.first_step_seconds, memory=dict(self.memory))
+        if self.blocks:
+            step = self.step_seconds
+            found.update(step_seconds=round(step, 4), images_per_s=round(self.batch_size / step, 2),
+                         cpu_seconds_per_step=round(statistics.median(c for _, c in self.blocks), 4),
+                         block_step_seconds=[round(w, 4) for w, _ in self.blocks])
         if self.error:
             found["error"] = self.error
-            return found
-        if not self.blocks:
-            found["error"] = "not timed"
-            return found
-        step = self.step_seconds
-        found.update(step_seconds=round(step, 4), images_per_s=round(self.batch_size / step, 2),
-                     cpu_seconds_per_step=round(statistics.median(c for _, c in self.blocks), 4),
-                     block_step_seconds=[round(w, 4) for w, _ in self.blocks],
-                     warmup_and_compile_seconds=self.warmup_seconds, build_seconds=self.build_seconds,
-                     first_step_seconds=self.first_step_seconds, memory=dict(self.memory))
+        elif not self.blocks:
+            found["timed"] = False
         return found
 
 
@@ -384,8 +387,9 @@ def paired_ratio(numerator: TimedVariant, denominator: TimedVariant, target: Opt
     if numerator.error or denominator.error or not numerator.blocks or not denominator.blocks:
         return None
     pairs = list(zip(numerator.blocks, denominator.blocks))
-    found = {"wall": round(statistics.median(a[0] / b[0] for a, b in pairs), 3),
-             "cpu": round(statistics.median(a[1] / b[1] for a, b in pairs), 3), "rounds": len(pairs)}
+    cpu = (round(statistics.median(a[1] / b[1] for a, b in pairs), 3) if all(b[1] > 0 for _, b in pairs)
+           else None)  # None: no measurable CPU time (a block too short for the clock's resolution)
+    found = {"wall": round(statistics.median(a[0] / b[0] for a, b in pairs), 3), "cpu": cpu, "rounds": len(pairs)}
     if target is not None:
         found.update(target=target, meets_target=found["wall"] <= target)
     return found

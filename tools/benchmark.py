@@ -16,8 +16,9 @@ process's CPU time) is steadier than wall time. On a small CPU, XLA's compilatio
 `--xla=false` skips it.
 
 Peak memory: on a GPU, `tf.config.experimental.get_memory_info` peak over each variant's timed blocks (statistics
-reset before every block; `warmup_peak_bytes` is the warm-up's own peak, autotuning scratch included); on a CPU, the process's max RSS (`resource.getrusage`), which is process-wide and only grows, so
-its per-variant value is the max RSS after that variant's warm-up (variants warm up in the order listed).
+reset before every block; `warmup_peak_bytes` is the warm-up's own peak, autotuning scratch included); on a CPU,
+the process's max RSS (`resource.getrusage`), which is process-wide and only grows, so its per-variant value is the
+max RSS after that variant's warm-up (variants warm up in the order listed).
 
 `--breakdown` (on by default) times the pieces HDML adds after the backbone, each forward + backward on its own:
 the pulling of the N x N synthetic negatives (eq. 8), the generator on B + N^2 rows, the second metric-head pass on

@@ -147,7 +147,7 @@ def read_flagfile(path) -> dict:
     try:
         args = FLAGS.read_flags_from_files([f"--flagfile={path}"], force_gnu=True)
     except flags.Error as e:
-        raise ConfigError(f"flagfile {path}: {e}") from None
+        raise ConfigError(f"flagfile {path} cannot be read: {str(e).replace('ERROR:: ', '')}") from None
     values = {}
     for arg in args:
         name, sep, value = arg.lstrip("-").partition("=")
