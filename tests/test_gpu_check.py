@@ -198,6 +198,7 @@ def test_sigterm_marks_the_running_piece_interrupted(tmp_path):
     ("--precisions=float8", "error: --precisions=float8: expected a list of float32, float16, bfloat16"),
     ("--batch_size=9", "error: batch_size=9 does not fit the npair layout"),
     ("--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'"),
+    ("--output=/proc/gpu_check_nope/x.json", "error: --output=/proc/gpu_check_nope/x.json cannot be written"),
 ])
 def test_a_bad_flag_is_one_error_line(flag, message):
     proc = _run([flag], timeout=120)

@@ -219,6 +219,15 @@ def settings_from_flags(flag_values=FLAGS) -> Settings:
         raise ConfigError(f"--data_dir={fv.data_dir} is not a directory")
     if fv.weights and not os.path.exists(fv.weights):
         raise ConfigError(f"--weights={fv.weights} does not exist")
+    folder = Path(fv.output).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--output={fv.output} cannot be written ({e.strerror or e}); expected a path in a "
+                          f"writable directory") from None
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--output={fv.output} cannot be written (no permission); expected a path in a writable "
+                          f"directory")
     from hdml_tf.backbones import BACKBONES  # imports TensorFlow: after the checks that need none
     if backbone not in BACKBONES:
         raise ConfigError(f"--backbone={backbone}: expected one of {', '.join(BACKBONES)}")
@@ -377,22 +386,28 @@ class Check:
 
     def stop(self, why: str, status: str, exit_code: int) -> None:
         """Ends the process now (budget watchdog, SIGTERM): marks the running piece interrupted and the pending ones
-        skipped, writes the JSON, prints the summary."""
+        skipped, writes the JSON, prints the summary, exits with `exit_code` -- whatever goes wrong on the way."""
         with self.lock:
-            if self.done:
+            if self.done:  # the run has just finished by itself
                 return
             self.done = True
-            for piece in self.result["pieces"].values():
-                if piece["status"] == "running":
-                    piece.update(status="interrupted", reason=why)
-                elif piece["status"] == "pending":
-                    piece.update(status="skipped", reason=why)
-            self.result["status"] = status
-            self.save()
-            print(summary(self.result, self.s.output), flush=True)
-            self.cleanup()
-        sys.stderr.flush()
-        os._exit(exit_code)
+        try:
+            with self.lock:
+                for piece in self.result["pieces"].values():
+                    if piece["status"] == "running":
+                        piece.update(status="interrupted", reason=why)
+                    elif piece["status"] == "pending":
+                        piece.update(status="skipped", reason=why)
+                self.result["status"] = status
+                self.save()
+                print(summary(self.result, self.s.output), flush=True)
+                self.cleanup()
+        except BaseException:  # the exit below must happen: the budget is a promise
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exit_code)
 
     def cleanup(self) -> None:
         if self._scratch is not None and not self.s.scratch_dir:
@@ -426,7 +441,12 @@ class Check:
         import tensorflow as tf
         tf.get_logger().setLevel("ERROR")
         logging.getLogger("hdml_tf.experiment").setLevel(logging.ERROR)  # "random weights" once, below
-        self.save()  # the output is writable before minutes of work
+        try:
+            self.save()  # the output is writable before minutes of work
+        except OSError as e:
+            from hdml_tf.config import ConfigError
+            raise ConfigError(f"--output={self.s.output} cannot be written ({e.strerror or e}); expected a path "
+                              f"in a writable directory") from None
         self.device = self.bm.accelerator()
         gpu = self.device is not None
         self.result["numbers_are"] = "GPU" if gpu else "CPU"
@@ -781,6 +801,7 @@ def training_recorder(every: int, stop_if: Callable[[], bool], progress: Callabl
         def __init__(self):
             super().__init__()
             self.every, self.stop_if, self.progress, self.total = every, stop_if, progress, total
+            self.print_every = max(every, every * (total // (10 * every)))  # about ten progress lines per run
             self.step = 0
             self.times: List[float] = []
             self.trajectory: List[list] = []
@@ -824,6 +845,7 @@ def training_recorder(every: int, stop_if: Callable[[], bool], progress: Callabl
             if self.step % self.every == 0 or self.step == self.total:
                 if self.names:
                     self.trajectory.append([self.step] + scales)
+            if self.step % self.print_every == 0 or self.step == self.total:
                 rate = (self.step - 1) / (self.times[-1] - self.times[0]) if self.step > 1 else 0.0
                 self.progress(f"step {self.step}/{self.total}, {rate:.2f} steps/s"
                               + (f", loss scales {', '.join(f'{s:g}' for s in scales)}" if scales else ""))
