@@ -274,8 +274,9 @@ class TimedVariant:
     def warm_up(self, batch, device: Optional[str], steps: int = 2) -> None:
         """Builds the model and runs `steps` (>= 1) untimed steps: tracing, XLA compilation, autotuning.
 
-        Records build_seconds, first_step_seconds (trace/compile + one step), warmup_seconds (all of it) and
-        memory: on a GPU `warmup_peak_bytes` (the first steps' peak, autotuning scratch included); on a CPU
+        Records build_seconds, first_step_seconds (trace/compile + one step), warmup_seconds (all of it),
+        last_step_seconds (the mean of the later steps; None with steps=1) and memory: on a GPU
+        `warmup_peak_bytes` (the first steps' peak, autotuning scratch included); on a CPU
         `max_rss_after_warmup_bytes`.
         """
         reset_peak_memory(device)
@@ -294,7 +295,8 @@ class TimedVariant:
         self.build_seconds = round(built - start, 3)
         self.first_step_seconds = round(first - built, 3)
         self.warmup_seconds = round(later - start, 3)
-        self.last_step_seconds = (later - first) / (steps - 1) if steps > 1 else first - built
+        # A step's time after tracing; unknown after a single (tracing) step.
+        self.last_step_seconds = (later - first) / (steps - 1) if steps > 1 else None
         if device:
             self.memory = {"warmup_peak_bytes": memory_info(device)["peak_bytes"]}
         else:
@@ -358,7 +360,9 @@ def time_interleaved(variants: Sequence[TimedVariant], batch, device: Optional[s
     live = [v for v in variants if v.model is not None]
     for v in live:
         try:
+            start = time.perf_counter()
             v.step(batch, 1)
+            v.last_step_seconds = time.perf_counter() - start
         except Exception as e:
             v._fail(e)
     done = 0

@@ -152,7 +152,7 @@ def test_float16_run_records_three_loss_scales_and_its_overflows(tiny):
 # ------------------------------------------------------------------------------------------------ stops, flags
 def test_budget_stop_leaves_a_valid_json_with_the_rest_skipped(tmp_path):
     out = tmp_path / "check.json"
-    budget = 16
+    budget = 12
     start = time.monotonic()
     proc = _ok(_run(TINY + ["--train_steps=50", "--pieces=device,step_float32,train", f"--budget_s={budget}",
                             f"--output={out}"]))
@@ -326,6 +326,9 @@ def test_interleaved_timing_and_paired_ratio_on_a_fake_clock(monkeypatch):
         v.warm_up(batch, None, steps=3)
     assert broken.error.startswith("ZeroDivisionError") and broken.model is None
     assert (slow.first_step_seconds, slow.warmup_seconds, slow.last_step_seconds) == (0.25, 0.75, 0.25)
+    once = benchmarking.TimedVariant("once", lambda: _FakeModel(clock, 0.3), 8)
+    once.warm_up(batch, None, steps=1)
+    assert (once.first_step_seconds, once.last_step_seconds) == (0.3, None)  # one (tracing) step: no step time
     # One untimed step each (0.45 s), then rounds of 5 x 0.2 + 5 x 0.25 = 2.25 s: a budget of 6 s has room for two.
     budget = benchmarking.Budget(6, clock=lambda: clock[0])
     rounds = benchmarking.time_interleaved([base, slow, broken], batch, None, steps=5, rounds=4, fits=budget.fits)

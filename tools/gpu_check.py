@@ -905,7 +905,8 @@ def summary(result: dict, output: str) -> str:
         first = steps[0][1]
         lines.append(f"train step: {first.get('backbone')}, {first.get('image_size')} px; npair "
                      f"{first.get('layout', '')}")
-        lines.append(f"{'variant':30s} {'images/s':>9s} {'s/step':>8s} {'warm-up s':>9s} {'peak MB':>8s} "
+        memory = "peak MB" if result.get("numbers_are") == "GPU" else "RSS MB"  # CPU: the process's max RSS
+        lines.append(f"{'variant':30s} {'images/s':>9s} {'s/step':>8s} {'warm-up s':>9s} {memory:>8s} "
                      f"{'HDML/base':>9s}")
         for name, piece in steps:
             ratios = piece.get("hdml_over_baseline", {})
