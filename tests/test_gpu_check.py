@@ -198,13 +198,22 @@ def test_sigterm_marks_the_running_piece_interrupted(tmp_path):
     ("--precisions=float8", "error: --precisions=float8: expected a list of float32, float16, bfloat16"),
     ("--batch_size=9", "error: batch_size=9 does not fit the npair layout"),
     ("--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'"),
-    ("--output=/proc/gpu_check_nope/x.json", "error: --output=/proc/gpu_check_nope/x.json cannot be written"),
 ])
 def test_a_bad_flag_is_one_error_line(flag, message):
     proc = _run([flag], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_an_unwritable_output_is_one_error_line_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = _run([f"--output={blocker / 'check.json'}"], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --output={blocker / 'check.json'} cannot be written ({blocker} is not a writable directory); "
+        f"expected a path in a writable directory")
 
 
 def _settings(*argv):

@@ -219,15 +219,12 @@ def settings_from_flags(flag_values=FLAGS) -> Settings:
         raise ConfigError(f"--data_dir={fv.data_dir} is not a directory")
     if fv.weights and not os.path.exists(fv.weights):
         raise ConfigError(f"--weights={fv.weights} does not exist")
-    folder = Path(fv.output).resolve().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--output={fv.output} cannot be written ({e.strerror or e}); expected a path in a "
-                          f"writable directory") from None
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"--output={fv.output} cannot be written (no permission); expected a path in a writable "
-                          f"directory")
+    existing = Path(fv.output).resolve().parent  # the first existing folder on the way (created at the 1st write)
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"--output={fv.output} cannot be written ({existing} is not a writable directory); "
+                          f"expected a path in a writable directory")
     from hdml_tf.backbones import BACKBONES  # imports TensorFlow: after the checks that need none
     if backbone not in BACKBONES:
         raise ConfigError(f"--backbone={backbone}: expected one of {', '.join(BACKBONES)}")
