@@ -234,6 +234,7 @@ def test_default_settings_are_the_papers():
     assert (found["backbone"], found["image_size"], found["resize"], found["batch_size"],
             found["triplet_batch_size"]) == ("inception_v1_caffe", 227, 256, 128, 120)
     assert found["budget_s"] == 480 and found["xla"] == "auto" and found["train_steps"] == 300
+    assert found["row_steps"] == 8000  # the flagfile's --steps: what the projection is for
     assert found["precisions"] == ["float32", "float16", "bfloat16"] and found["methods"] == ["baseline", "hdml"]
     assert tool.selected_pieces(settings) == ["device", "step_float32", "pipeline", "train", "step_float16",
                                               "step_bfloat16", "step_triplet", "train_spread"]

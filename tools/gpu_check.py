@@ -3,8 +3,8 @@
 
     python tools/gpu_check.py                                       # 8 minutes, on whatever TensorFlow sees
     python tools/gpu_check.py --require_gpu --output=$OUT/gpu_check.json   # exit 2 at once without a GPU
-    python tools/gpu_check.py --image_size=64 --batch_size=8 --train_steps=6 --timing_steps=1 \
-        --timing_rounds=2 --dataset=generated --budget_s=120          # a smoke run on a CPU (CPU numbers)
+    python tools/gpu_check.py --image_size=64 --batch_size=8 --num_classes=8 --train_steps=6 --timing_steps=1 \
+        --timing_rounds=2 --timing_warmup=1 --dataset=generated --budget_s=300   # a CPU smoke run: CPU numbers
 
 It measures, at the paper's settings (the flagfile `--config`, default configs/cub200_npair.cfg: Caffe GoogLeNet,
 N-pair, batch 128 = 64 anchors x 64 synthetic negatives each, 227 px, CUB-200's hyper-parameters), in this order
@@ -66,8 +66,6 @@ SUBSET_CANDIDATES = (REPO.parent / "shared" / "data" / "cub200_subset", REPO / "
 PIECES = ("device", "step_float32", "pipeline", "train", "step_float16", "step_bfloat16", "step_triplet",
           "train_spread")
 PRECISIONS = ("float32", "float16", "bfloat16")
-#: Steps of one paper row (the flagfiles' --steps).
-ROW_STEPS = 8000
 #: N-pair layout at the paper's batch: HDML's cost target against the baseline (README, Benchmarks).
 TARGET_RATIO = 1.10
 #: A training run is compared with float32 within max(SPREAD_FACTOR x the seed-to-seed difference, SPREAD_FLOOR)
@@ -75,7 +73,6 @@ TARGET_RATIO = 1.10
 SPREAD_FACTOR, SPREAD_FLOOR = 2.0, 1.0
 
 FLAGS = flags.FLAGS
-log = logging.getLogger("gpu_check")
 
 
 def define_flags(flag_values=FLAGS):
@@ -132,6 +129,7 @@ class Settings:
     pieces: tuple
     require_gpu: bool
     config: str
+    row_steps: int  # the config's --steps: one paper row (8,000)
     backbone: str
     image_size: int
     resize: int
@@ -230,6 +228,7 @@ def settings_from_flags(flag_values=FLAGS) -> Settings:
         raise ConfigError(f"--backbone={backbone}: expected one of {', '.join(BACKBONES)}")
     return Settings(
         budget_s=float(fv.budget_s), output=fv.output, require_gpu=fv.require_gpu, config=fv.config,
+        row_steps=int(row.get("steps", 8000)),
         backbone=backbone, image_size=image_size, resize=resize, batch_size=batch_size,
         triplet_batch_size=fv.triplet_batch_size, num_classes=fv.num_classes, xla=xla,
         timing_steps=fv.timing_steps, timing_rounds=fv.timing_rounds, timing_warmup=fv.timing_warmup,
@@ -287,7 +286,7 @@ def compare_runs(candidate: dict, reference: dict, spread: Optional[dict] = None
 
 def derive(result: dict) -> dict:
     """Numbers computed from the measured ones: pipeline vs step, the float16/float32 agreement, and the projected
-    wall time of one paper row (ROW_STEPS steps)."""
+    wall time of one paper row (the config's --steps, 8,000 for the paper's rows)."""
     pieces = result["pieces"]
     timed = _timed_variants(result)
     found = {}
@@ -305,15 +304,16 @@ def derive(result: dict) -> dict:
     train = pieces.get("train", {}).get("runs", {})
     spread = pieces.get("train_spread", {}).get("run")
     found["float16_vs_float32"] = compare_runs(train.get("float16"), train.get("float32"), spread)
-    row = {"steps": ROW_STEPS, "what": "training steps only: start-up, compilation and evaluations not included"}
-    row["per_variant_minutes"] = {k: round(ROW_STEPS * v["step_seconds"] / 60, 1) for k, v in timed.items()}
+    steps = result["settings"]["row_steps"]
+    row = {"steps": steps, "what": "training steps only: start-up, compilation and evaluations not included"}
+    row["per_variant_minutes"] = {k: round(steps * v["step_seconds"] / 60, 1) for k, v in timed.items()}
     if fastest:
         step = hdml[fastest]["step_seconds"]
-        row["fastest_hdml"] = {"variant": fastest, "minutes": round(ROW_STEPS * step / 60, 1)}
+        row["fastest_hdml"] = {"variant": fastest, "minutes": round(steps * step / 60, 1)}
         if cached:  # the step cannot run faster than the cached pipeline delivers
             bound = max(step, hdml[fastest]["batch_size"] / cached)
-            row["fastest_hdml"]["minutes_with_cached_input"] = round(ROW_STEPS * bound / 60, 1)
-    row["from_training_runs_minutes"] = {p: round(ROW_STEPS * r["step_seconds_median"] / 60, 1)
+            row["fastest_hdml"]["minutes_with_cached_input"] = round(steps * bound / 60, 1)
+    row["from_training_runs_minutes"] = {p: round(steps * r["step_seconds_median"] / 60, 1)
                                          for p, r in train.items() if r.get("step_seconds_median")}
     found["projected_row"] = row
     return found
@@ -955,7 +955,8 @@ def summary(result: dict, output: str) -> str:
             d = agree["difference_points"]
             verdict = ("within the seed spread" if agree["within_spread"] else "OUTSIDE the seed spread"
                        if agree["within_spread"] is False else "spread not measured")
-            lines.append(f"float16 - float32: NMI {d['nmi']:+.2f}, R@1 {d['recall@1']:+.2f} points: {verdict}")
+            lines.append(f"float16 - float32: NMI {d['nmi']:+.2f}, R@1 {d['recall@1']:+.2f} points: {verdict}"
+                         + ("" if agree["same_steps"] else " (the runs did not train the same number of steps)"))
     row = derived.get("projected_row", {})
     if row.get("fastest_hdml") or row.get("from_training_runs_minutes"):
         fast = row.get("fastest_hdml", {})
@@ -966,7 +967,7 @@ def summary(result: dict, output: str) -> str:
                 if "minutes_with_cached_input" in fast else ""))
         parts += [f"training run {p} {minutes} min" for p, minutes in row.get("from_training_runs_minutes",
                                                                                    {}).items()]
-        lines.append(f"projected {ROW_STEPS} steps (one paper row, steps only): " + "; ".join(parts))
+        lines.append(f"projected {row['steps']} steps (one paper row, steps only): " + "; ".join(parts))
     for name, piece in pieces.items():
         if piece["status"] in ("skipped", "failed", "interrupted", "pending"):
             lines.append(f"{piece['status']}: {name} ({piece.get('reason') or piece.get('error') or ''})")
