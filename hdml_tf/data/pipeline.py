@@ -7,8 +7,8 @@ labels int32 [B] (the ImageSet's 0..C-1 labels). Training batches follow the los
 - npair: B = 2N. Rows 0..N-1 are anchors of N distinct classes, rows N..2N-1 their positives (same class order,
   a different image of the same class). As the official NPairLossScheme.
 - triplet: B = 3T. Rows 0..T-1 anchors of T distinct classes, T..2T-1 positives (same class, other image),
-  2T..3T-1 negatives (one image of a class drawn uniformly among the other classes; the official TripletLossScheme
-  draws 2T distinct classes, which needs C >= 2T; ours only guarantees negative != anchor class).
+  2T..3T-1 negatives: one image each of T further distinct classes, none of them an anchor class -- 2T distinct
+  classes per batch, as the official TripletLossScheme draws them (so C >= 2T is needed).
 - contrastive: B = 4P. Rows 0..P-1 with P..2P-1 are positive pairs (P distinct classes); rows 2P..3P-1 with
   3P..4P-1 are negative pairs (left class uniform, right class uniform among the others).
 
@@ -69,7 +69,8 @@ class TupleSampler:
 
     Raises:
       ConfigError: unknown loss or a batch size that does not fit the layout.
-      DataError: too few classes with two or more images for the requested number of tuples.
+      DataError: too few classes with two or more images for the requested number of tuples, or (triplet) fewer
+        than 2T classes in all.
     """
 
     def __init__(self, labels: np.ndarray, loss: str, batch_size: int, seed: int, name: str = ""):
@@ -91,6 +92,12 @@ class TupleSampler:
                             f">= 2 images, but only {len(eligible)} have; use a smaller batch_size")
         if loss != "npair" and len(present) < 2:
             raise DataError(f"{where}{loss} batches need negatives from a second class; found 1 class")
+        if loss == "triplet" and len(present) < 2 * self.tuples:
+            most = 3 * min(len(present) // 2, len(eligible))
+            raise DataError(f"{where}batch_size={batch_size} (triplet) needs {2 * self.tuples} distinct classes "
+                            f"({self.tuples} anchor classes with >= 2 images and {self.tuples} other classes for the "
+                            f"negatives, as the official TripletLossScheme), but only {len(present)} have images; "
+                            f"use batch_size <= {most}")
         self.num_eligible = len(eligible)
         self._order = tf.constant(order, tf.int64)
         self._offsets = tf.constant(offsets, tf.int64)
@@ -113,7 +120,7 @@ class TupleSampler:
         if self.loss == "npair":
             return tf.concat([first, second], 0)
         if self.loss == "triplet":
-            negative_class = self._other_class(anchor_class, seeds[2])
+            negative_class = self._distinct_others(anchor_class, seeds[2])
             return tf.concat([first, second, self._one_of(negative_class, seeds[3])], 0)
         left_class = _uniform_int([n], self._num_present, seeds[2])
         right_class = self._other_class(left_class, seeds[3])
@@ -135,6 +142,13 @@ class TupleSampler:
         count = tf.gather(self._counts, cls)
         pick = _uniform_int(tf.shape(cls), count, seed)
         return tf.gather(self._order, tf.gather(self._offsets, cls) + pick)
+
+    def _distinct_others(self, taken, seed):
+        """As many classes as `taken` [n], distinct, drawn uniformly without replacement among the present classes
+        that are not in `taken` -> int64 [n] (official TripletLossScheme: the second half of 2T distinct classes)."""
+        keys = tf.random.stateless_uniform(tf.reshape(self._num_present, [1]), seed)  # [C] in [0, 1)
+        keys = tf.tensor_scatter_nd_update(keys, taken[:, None], tf.fill(tf.shape(taken), 2.0))  # taken sort last
+        return tf.cast(tf.argsort(keys)[: tf.size(taken)], tf.int64)
 
     def _other_class(self, cls, seed):
         """For each class in `cls` [n], a class drawn uniformly among the other present classes."""
