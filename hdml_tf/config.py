@@ -100,6 +100,8 @@ class OptimConfig:
       classifier_learning_rate: Adam lr of the softmax classifier (J_ce).
       decay_steps: steps at which the backbone lr is multiplied by decay_factor.
       decay_factor: multiplier applied at each of decay_steps (official 0.5).
+      adam_epsilon: epsilon of all three Adam optimizers; 1e-8 is TF1 `tf.train.AdamOptimizer`'s default, which
+        the official code used (Keras' Adam defaults to 1e-7).
     """
 
     learning_rate: float = 7e-5
@@ -107,10 +109,11 @@ class OptimConfig:
     classifier_learning_rate: float = 1e-3
     decay_steps: Tuple[int, ...] = (5632, 6848)
     decay_factor: float = 0.5
+    adam_epsilon: float = 1e-8
 
     def __post_init__(self):
         for name in ("learning_rate", "generator_learning_rate", "classifier_learning_rate",
-                     "decay_factor"):
+                     "decay_factor", "adam_epsilon"):
             _positive(name, getattr(self, name))
         if list(self.decay_steps) != sorted(self.decay_steps) or any(s <= 0 for s in self.decay_steps):
             raise ConfigError(f"decay_steps={self.decay_steps} must be positive and increasing")

@@ -51,6 +51,8 @@ def define_training_flags(defaults=None):
     flags.DEFINE_list("lr_decay_steps", ["5632", "6848"], "Steps at which the metric lr is multiplied by "
                       "--lr_decay_factor.")
     flags.DEFINE_float("lr_decay_factor", 0.5, "Learning-rate multiplier at each decay step.")
+    flags.DEFINE_float("adam_epsilon", 1e-8, "epsilon of the three Adam optimizers (1e-8: TF1 AdamOptimizer's "
+                       "default, which the official code used; Keras' own default is 1e-7).")
     flags.DEFINE_integer("batch_size", d["batch_size"], "Global batch size in the loss's tuple layout.")
     flags.DEFINE_integer("steps", d["steps"], "Training steps.")
     flags.DEFINE_integer("steps_per_epoch", d["steps_per_epoch"], "Steps per Keras epoch (logging granularity).")
@@ -64,6 +66,8 @@ def define_training_flags(defaults=None):
                         "r_precision; higher is better).")
     flags.DEFINE_integer("eval_batch_size", 64, "Batch size when embedding for evaluation.")
     flags.DEFINE_list("recall_ks", [], "K of Recall@K (default per data set).")
+    flags.DEFINE_integer("kmeans_restarts", 10, "k-means restarts behind NMI/F1, best inertia kept; 10 (random_state "
+                         "1, k = number of classes) is the official protocol, fewer are faster but biased low.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_string("output_dir", "runs/default", "Where results, histories, plots and weights go.")
     flags.DEFINE_integer("verbose", 1, "Keras verbosity (1 progress bar, 2 one line per epoch, 0 silent).")
@@ -125,7 +129,8 @@ def configs_from_flags():
         resize=FLAGS.resize, weights=FLAGS.weights, caffe_lrn=FLAGS.caffe_lrn, batch_size=FLAGS.batch_size,
         steps=FLAGS.steps, steps_per_epoch=FLAGS.steps_per_epoch, eval_every_epochs=FLAGS.eval_every_epochs,
         validation_fraction=FLAGS.validation_fraction, monitor=FLAGS.monitor,
-        eval_batch_size=FLAGS.eval_batch_size, recall_ks=_ints(FLAGS.recall_ks, "recall_ks"), seed=FLAGS.seed,
+        eval_batch_size=FLAGS.eval_batch_size, recall_ks=_ints(FLAGS.recall_ks, "recall_ks"),
+        kmeans_restarts=FLAGS.kmeans_restarts, seed=FLAGS.seed,
         output_dir=FLAGS.output_dir, cache=FLAGS.cache, strict_images=FLAGS.strict_images, verbose=FLAGS.verbose,
         **fault_tolerance_options(), **distribution_options())
     hdml = HDMLConfig(
@@ -135,7 +140,8 @@ def configs_from_flags():
     optim = OptimConfig(
         learning_rate=FLAGS.learning_rate, generator_learning_rate=FLAGS.generator_learning_rate,
         classifier_learning_rate=FLAGS.classifier_learning_rate,
-        decay_steps=_ints(FLAGS.lr_decay_steps, "lr_decay_steps"), decay_factor=FLAGS.lr_decay_factor)
+        decay_steps=_ints(FLAGS.lr_decay_steps, "lr_decay_steps"), decay_factor=FLAGS.lr_decay_factor,
+        adam_epsilon=FLAGS.adam_epsilon)
     hdml.check_batch_size(run.batch_size)
     return run, hdml, optim
 
