@@ -45,7 +45,7 @@ def layout_batch(loss="npair", tuples=4, size=16, seed=0, num_classes=8):
     """A random batch in the tuple layout of `loss`: images float32 [B, size, size, 3] uniform in 0..255 and labels
     int32 [B] as the real sampler draws them from `num_classes` classes (B = tuples x the layout's size)."""
     from hdml_tf import layouts
-    from hdml_tf.data.pipeline import example_labels
+    from hdml_tf.data.sampler import example_labels
     batch_size = tuples * layouts.get(loss).size
     labels = example_labels(loss, batch_size, num_classes, seed=seed)
     images = np.random.default_rng(seed).uniform(0, 255, (batch_size, size, size, 3)).astype("float32")

@@ -15,6 +15,7 @@ from hdml_tf.data import images as img
 from hdml_tf.data import pipeline, readers
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.data.images import Augment
+from hdml_tf.data.sampler import TupleSampler
 from hdml_tf.errors import DataError
 
 SMALL = Augment(resize=32, crop=24, flip=True)
@@ -195,7 +196,7 @@ def test_triplet_sampler_draws_2t_distinct_classes_in_every_batch_of_a_long_stre
     a singleton class never anchors but may be a negative. Checked on every one of 600 consecutive batches."""
     classes, t, steps = 11, 5, 600
     labels = np.append(np.repeat(np.arange(classes - 1), [2, 3, 4, 5, 2, 3, 4, 5, 2, 3]), classes - 1)  # + singleton
-    sampler = pipeline.TupleSampler(labels, "triplet", 3 * t, seed=7)
+    sampler = TupleSampler(labels, "triplet", 3 * t, seed=7)
     batches = np.stack([b.numpy() for b in tf.data.Dataset.range(steps).map(sampler.indices)])  # [steps, 3T]
     assert batches.shape == (steps, 3 * t)
     anchor, positive, negative = batches[:, :t], batches[:, t:2 * t], batches[:, 2 * t:]
