@@ -35,6 +35,22 @@ def shared_dir():
     return None
 
 
+def cub_subset_dir():
+    """`<shared>/data/cub200_subset` (real CUB-200-2011 photographs in the official layout), or None when absent."""
+    shared = shared_dir()
+    root = shared / "data" / "cub200_subset" if shared else None
+    return root if root is not None and root.is_dir() else None
+
+
+@pytest.fixture
+def cub_subset():
+    """The real CUB subset's directory; the test is skipped (with the reason) where ../shared is absent."""
+    root = cub_subset_dir()
+    if root is None:
+        pytest.skip("../shared/data/cub200_subset is absent (only the project's CI and developers have it)")
+    return root
+
+
 @pytest.fixture(scope="session")
 def official():
     with np.load(DATA / "official_vectors.npz") as f:

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import load_tool, shared_dir
+from conftest import cub_subset_dir, load_tool
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "gpu_check.py"
@@ -247,8 +247,8 @@ def test_default_settings_are_the_papers():
 
 
 def test_the_cub_subset_is_found_and_its_batch_fits_its_classes():
-    shared = shared_dir()
-    subset = shared / "data" / "cub200_subset" / "CUB_200_2011" if shared else None
+    root = cub_subset_dir()
+    subset = root / "CUB_200_2011" if root else None
     if subset is None or not subset.is_dir():
         pytest.skip("../shared/data/cub200_subset is absent (only the project's CI has it)")
     # Independent counts from the official files: images per class id; ids <= 100 train, > 100 test.

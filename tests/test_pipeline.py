@@ -3,7 +3,6 @@
 Small images (16..40 px, Augment(resize=32, crop=24)) keep the whole module to a few seconds on two cores.
 """
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -318,18 +317,8 @@ def test_eval_dataset_keeps_order_center_crops_and_drops_bad_files(tree):
 # --------------------------------------------------------------------------------------- real CUB subset
 
 
-def _shared_cub_subset():
-    candidates = []
-    if os.environ.get("HDML_SHARED_DIR"):
-        candidates.append(Path(os.environ["HDML_SHARED_DIR"]) / "data" / "cub200_subset")
-    candidates.append(Path(__file__).resolve().parents[2] / "shared/data/cub200_subset")
-    return next((c for c in candidates if c.is_dir()), None)
-
-
-def test_real_cub_subset_batches():
-    root = _shared_cub_subset()
-    if root is None:
-        pytest.skip("shared/data/cub200_subset is absent (a user's clone)")
+def test_real_cub_subset_batches(cub_subset):
+    root = cub_subset
     train, test = splits = readers.read_dataset("cub200", root)
     assert splits.report.partial and (len(train), train.num_classes) == (3428, 58)
     ds = pipeline.make_train_dataset(train, "npair", 16, Augment(), seed=0, check_images=False, verbose=0)
