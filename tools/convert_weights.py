@@ -130,4 +130,5 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import common_flags
     define_flags()
+    common_flags.define_verbose_flag()
     app.run(main, flags_parser=common_flags.parse_flags)

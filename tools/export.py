@@ -98,4 +98,5 @@ def main(argv):
 if __name__ == "__main__":
     import common_flags
     define_flags()
+    common_flags.define_verbose_flag()
     app.run(common_flags.run_main(main), flags_parser=common_flags.parse_flags)

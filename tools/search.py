@@ -172,30 +172,22 @@ def plot_grid(results, index, path: str) -> str:
         mask = [[h.label == r.label for h in r.hits] for r in results]
         cosines = [[h.cosine for h in r.hits] for r in results]
         return plot_retrieval_grid(queries, neighbours, mask, path, query_labels=[r.label for r in results],
-                                   similarities=cosines, title="nearest neighbours (cosine similarity)")
+                                   similarities=cosines, title="nearest neighbours (cosine similarity)",
+                                   result_labels=[[h.label for h in r.hits] for r in results])
     return _plot_unlabelled(results, queries, neighbours, path)
 
 
 def _plot_unlabelled(results, queries, neighbours, path: str) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """The grid without frames (nobody knows which neighbours are right): captions give the rank, d and class."""
+    from hdml_tf.evaluation.plots import plot_image_grid
 
-    cols = 1 + max(len(r.hits) for r in results)
-    fig = Figure(figsize=(1.6 * cols, 1.8 * len(results)))
-    FigureCanvasAgg(fig)
-    for i, (result, query, row) in enumerate(zip(results, queries, neighbours)):
-        ax = fig.add_subplot(len(results), cols, i * cols + 1)
-        ax.imshow(query)
-        ax.set_title(result.label or os.path.basename(result.path), fontsize=8)
-        ax.axis("off")
-        for j, (hit, image) in enumerate(zip(result.hits, row)):
-            ax = fig.add_subplot(len(results), cols, i * cols + j + 2)
-            ax.imshow(image)
-            ax.set_title(f"{hit.rank}. d={hit.distance:.3f}" + (f"\n{hit.label}" if hit.label else ""), fontsize=8)
-            ax.axis("off")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, format="png", bbox_inches="tight")
-    return path
+    rows = []
+    for result, query, row in zip(results, queries, neighbours):
+        cells = [(query, "query: " + (result.label or os.path.basename(result.path)), None)]
+        cells += [(image, f"{hit.rank}. d={hit.distance:.3f}" + (f" {hit.label}" if hit.label else ""), None)
+                  for hit, image in zip(result.hits, row)]
+        rows.append(cells)
+    return plot_image_grid(rows, path, title="nearest neighbours (d = distance)")
 
 
 def main(argv):
@@ -221,4 +213,5 @@ def main(argv):
 if __name__ == "__main__":
     import common_flags
     define_flags()
+    common_flags.define_verbose_flag()
     app.run(common_flags.run_main(main), flags_parser=common_flags.parse_flags)

@@ -41,6 +41,7 @@ def main(argv):
         print(f"note: training {run.dataset} on the demo's schedule (configs/demo.cfg: {run.steps} steps, learning "
               f"rate {optim.learning_rate}); the paper's settings are in configs/{run.dataset}_*.cfg "
               f"(--flagfile=...)", file=sys.stderr)
+    print(common_flags.device_line(run.mixed_precision))
     from hdml_tf.experiment import run_experiment
     run_experiment(run, hdml, optim, compare_baseline=common_flags.FLAGS.compare_baseline)
 
