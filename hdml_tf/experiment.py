@@ -17,6 +17,7 @@ import tensorflow as tf
 from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig, RunConfig
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.evaluation.metrics import OFFICIAL_KMEANS_RESTARTS, clustering_protocol, format_results
+from hdml_tf.progress import Activity, wrap
 from hdml_tf.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,6 @@ def evaluate_model(model, dataset: tf.data.Dataset, ks: Sequence[int], progress:
     starting with `label` ("untrained network: embedding test images: 1,984/4,224 [...]")."""
     from hdml_tf.evaluation.embedding import embed_dataset
     from hdml_tf.evaluation.metrics import EvaluationProtocol
-    from hdml_tf.progress import Activity
     embeddings, labels = embed_dataset(model, dataset, progress=progress, label=f"{label}: embedding {what}")
     protocol = EvaluationProtocol(recall_ks=_fitting_ks(ks, labels), kmeans_restarts=kmeans_restarts)
     with Activity(scoring_label(label, kmeans_restarts), enabled=progress):
@@ -160,8 +160,6 @@ def evaluate_raw_pixels(dataset: tf.data.Dataset, ks: Sequence[int],
     def pixels(images):
         flat = tf.reshape(tf.cast(images, tf.float32), [tf.shape(images)[0], -1])
         return tf.math.l2_normalize(flat - tf.reduce_mean(flat, axis=1, keepdims=True), axis=1)
-
-    from hdml_tf.progress import Activity
 
     embeddings, labels = embed_dataset(pixels, dataset, progress=progress, label=f"raw pixels: reading {what}")
     with Activity(scoring_label("raw pixels", kmeans_restarts), enabled=progress):
@@ -341,7 +339,7 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     rows = dict(results["test"])
     for name in results.get("selection", {}):  # the last checkpoint is named as such
         rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
-    printer(format_results(rows, protocol=results["clustering_protocol"]))
+    printer(wrap(format_results(rows, protocol=results["clustering_protocol"])))
     from hdml_tf.run_summary import summary_lines
     for line in summary_lines(out, [name for name, _ in variants]):
         printer(line)

@@ -129,28 +129,28 @@ class TrainingProgress(keras.callbacks.Callback):
         if not per_step:
             return []
         if self.step >= self.total_steps:  # the end: how long it took instead of "0:00 left"
-            spent = self._clock() - self._train_start
-            return [("|", 3), (format_speed(per_step) + ",", 2), (f"{progress.format_duration(spent)} in all", 1)]
-        left = (self.total_steps - self.step) * per_step
-        return [("|", 3), (format_speed(per_step) + ",", 2), (f"{progress.format_duration(left)} left", 1)]
+            time = f"{progress.format_duration(self._clock() - self._train_start)} in all"
+        else:
+            time = f"{progress.format_duration((self.total_steps - self.step) * per_step)} left"
+        # Priorities (fit_line drops the lowest first on a narrow terminal): the time left outlasts the quantities,
+        # the speed goes first.
+        return [("|", 8), (format_speed(per_step) + ",", 3), (time, 8)]
 
-    def _quantity_parts(self, comma: bool = False):
+    def _quantity_parts(self):
         parts = []
         for rank, (key, name) in enumerate(self.shown):
             if key in self._logs:
-                parts.append((f"{name} {format_value(self._logs[key])}", 10 - rank))
+                parts.append((f"{name} {format_value(self._logs[key])}", max(4, 6 - rank)))
         skipped = self._logs.get("skipped_steps", 0.0)
         if skipped and skipped > 0:
             parts.append((f"skipped {int(skipped)}", 20))  # non-finite steps: the one thing never to hide
-        if comma and parts:
-            parts = [(text + ",", p) for text, p in parts[:-1]] + [parts[-1]]
         return parts
 
     def line(self, note: str = "") -> str:
         """The live line: label, step of total, bar, percentage, quantities, speed and time left (or `note`)."""
         total = max(self.total_steps, 1)
         parts = [(self.label, 0), (f"{progress.format_count(self.step)}/{progress.format_count(total)}", 0),
-                 (f"{min(100, 100 * self.step // total)}%", 4)]
+                 (f"{min(100, 100 * self.step // total)}%", 2)]
         parts += [(note, 5)] if note else self._quantity_parts() + self._speed_parts()
         return progress.fit_line([p for p in parts if p[0]], self.width, fraction=self.step / total,
                                  bar_index=2 if self.label else 1)
@@ -161,7 +161,7 @@ class TrainingProgress(keras.callbacks.Callback):
         head = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
         parts = [(self.label, 0), (head, 0),
                  (f"(step {progress.format_count(self.step)}/{progress.format_count(self.total_steps)}):", 0)]
-        parts += self._quantity_parts(comma=True) + self._speed_parts()
+        parts += self._quantity_parts() + self._speed_parts()
         return progress.fit_line([p for p in parts if p[0]], self.width)
 
     # ------------------------------------------------------------------------------------------- drawing

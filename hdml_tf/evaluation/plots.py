@@ -193,8 +193,9 @@ def plot_image_grid(rows: Sequence[Sequence[Tuple[object, str, Optional[str]]]],
                     font_size: float = GRID_FONT_SIZE) -> str:
     """Rows of images, each with a caption under it and an optional coloured frame.
 
-    The figure's size follows its content: every cell is `cell` inches square plus the caption lines it needs
-    (names are wrapped and shortened to fit their cell, `caption_lines`), and the title sits right above the
+    The figure's size follows its content: every image is `cell` inches wide, a row as tall as its tallest image
+    (landscape photos make shorter rows, so no empty band opens above or below them), plus the caption lines the
+    row needs (names are wrapped and shortened to fit their cell, `caption_lines`); the title sits right above the
     first row.
 
     Args:
@@ -206,19 +207,22 @@ def plot_image_grid(rows: Sequence[Sequence[Tuple[object, str, Optional[str]]]],
     """
     cols = max(len(row) for row in rows)
     chars = _chars_per_line(cell, font_size)
+    pictures = [[_display(image) for image, _, _ in row] for row in rows]
     captions = [[caption_lines(text, chars) for _, text, _ in row] for row in rows]
-    lines = max((len(c) for row in captions for c in row), default=1)
-    line_inches = font_size * 1.3 / 72
-    caption_inches = lines * line_inches + 0.08
-    title_inches = 0.35 if title else 0.0
-    width, height = cols * (cell + 0.1), len(rows) * (cell + caption_inches) + title_inches
+    line_inches, gap = font_size * 1.3 / 72, 0.1
+    # Row height: the tallest image at `cell` wide (aspect capped so one odd image cannot stretch a row).
+    heights = [cell * min(1.5, max(0.5, max(p.shape[0] / p.shape[1] for p in row))) for row in pictures]
+    caption_inches = [max(len(c) for c in row) * line_inches + 0.06 for row in captions]
+    title_inches = font_size * 1.6 / 72 + gap if title else 0.0
+    width = cols * (cell + gap)
+    height = title_inches + sum(heights) + sum(caption_inches) + gap * (len(rows) - 1)
     fig = _figure(width, height)
+    top = 1.0 - title_inches / height
     for i, row in enumerate(rows):
-        top = 1.0 - (title_inches + i * (cell + caption_inches)) / height
-        for j, (image, _, color) in enumerate(row):
-            left = (j * (cell + 0.1) + 0.05) / width
-            ax = fig.add_axes((left, top - cell / height, cell / width, cell / height))
-            ax.imshow(_display(image))
+        for j, (_, _, color) in enumerate(row):
+            left = (j * (cell + gap) + gap / 2) / width
+            ax = fig.add_axes((left, top - heights[i] / height, cell / width, heights[i] / height))
+            ax.imshow(pictures[i][j])
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
@@ -226,10 +230,11 @@ def plot_image_grid(rows: Sequence[Sequence[Tuple[object, str, Optional[str]]]],
                 if color is not None:
                     spine.set_edgecolor(color)
                     spine.set_linewidth(4)
-            fig.text(left + cell / width / 2, top - (cell + 0.04) / height, "\n".join(captions[i][j]),
+            fig.text(left + cell / width / 2, top - (heights[i] + 0.04) / height, "\n".join(captions[i][j]),
                      ha="center", va="top", fontsize=font_size, linespacing=1.1)
+        top -= (heights[i] + caption_inches[i] + gap) / height
     if title:
-        fig.text(0.5, 1.0 - 0.08 / height, title, ha="center", va="top", fontsize=font_size + 3)
+        fig.text(0.5, 1.0, title, ha="center", va="top", fontsize=font_size + 3)
     return _save(fig, path)
 
 
