@@ -280,7 +280,7 @@ class CountProgress:
             parts.append((f"{_format_rate(rate)} {self.unit}/s", 1))
             if self.total and self.done < self.total:
                 parts.append((f"{format_duration((self.total - self.done) / rate)} left", 2))
-        fraction = self.done / self.total if self.total else None
+        fraction = self.done / self.total if self.total and self._tty else None  # no bar in a log file
         return fit_line(parts, self._width, fraction=fraction, bar_index=2)
 
     def update(self, n: int = 1) -> None:

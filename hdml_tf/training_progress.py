@@ -2,15 +2,19 @@
 
 Keras' own bar prints every logged quantity (fourteen for HDML, more with new diagnostics) and wraps over many lines
 in an 80- or 120-column terminal. `TrainingProgress` shows the step out of the run's total, a bar, J_metric, J_m and
-the synthetic weight 1 - e^(-beta/J_gen) (paper eq. 13's mixing weight), skipped non-finite steps when there are
-any, the speed and the time left for all remaining steps, fitted to the terminal's width; on a terminal it is redrawn
-in place, and each epoch leaves one line:
+the synthetic weight 1 - e^(-beta/J_gen) (the weight of J_syn in J_metric), skipped non-finite steps when there are
+any, the speed and the time left for all remaining steps, fitted to the terminal's width (on a narrow one the speed,
+then the quantities give way before the time left). On a terminal the line is redrawn in place and each epoch
+leaves one line (the glyph demo at 100 columns):
 
-    hdml 250/600 [=========>            ] 42% loss 50.12 J_m 49.87 syn_w 0.0123 | 3.1 steps/s, 1:53 left
-    hdml epoch 2/6 (step 200/600): loss 50.12, J_m 49.87, syn_w 0.0123 | 3.1 steps/s, 2:09 left
+    hdml 149/600 [===>           ] 24% loss 5.873 J_m 3.401 syn_w 0.08062 | 1.82 steps/s, 4:08 left
+    hdml epoch 2/6 (step 200/600): loss 6.400 J_m 3.829 syn_w 0.1028 | 1.84 steps/s, 3:37 left
+    hdml epoch 6/6 (step 600/600): loss 1.466 J_m 0.7404 syn_w 0.2494 | 1.80 steps/s, 6:07 in all
 
-Into a file or a pipe it writes the epoch lines and one progress line a minute. Every logged quantity still goes to
-the History (history_<variant>.csv) and to TensorBoard: this is only what the screen shows.
+Into a file or a pipe it writes the epoch lines and one progress line a minute, without the bar. The speed is the
+median of the last SPEED_WINDOW step durations; the first step (graph tracing) and whatever runs between steps
+(evaluations, checkpoints) are left out. Every logged quantity still goes to the History (history_<variant>.csv)
+and to TensorBoard: this is only what the screen shows.
 """
 from __future__ import annotations
 
@@ -152,8 +156,8 @@ class TrainingProgress(keras.callbacks.Callback):
         parts = [(self.label, 0), (f"{progress.format_count(self.step)}/{progress.format_count(total)}", 0),
                  (f"{min(100, 100 * self.step // total)}%", 2)]
         parts += [(note, 5)] if note else self._quantity_parts() + self._speed_parts()
-        return progress.fit_line([p for p in parts if p[0]], self.width, fraction=self.step / total,
-                                 bar_index=2 if self.label else 1)
+        return progress.fit_line([p for p in parts if p[0]], self.width, bar_index=2 if self.label else 1,
+                                 fraction=self.step / total if self._tty else None)  # no bar in a log file
 
     def epoch_line(self, epoch: int) -> str:
         """The line an epoch leaves: epoch of epochs, the step reached, the epoch's mean quantities, speed."""

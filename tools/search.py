@@ -28,8 +28,7 @@ from absl import app, flags  # noqa: E402
 from common_flags import check_model_path, quiet_tensorflow  # noqa: E402
 from hdml_tf.errors import HDMLError  # noqa: E402
 
-DISTANCE_NOTE = ("distance d = Euclidean distance between L2-normalized embeddings = sqrt(2 - 2 cos), 0 (same) "
-                 "to 2; cos = cosine similarity")
+DISTANCE_NOTE = "d: Euclidean distance of the L2-normalized embeddings, sqrt(2 - 2 cos), 0 to 2; cos: cosine"
 
 
 def define_flags():
@@ -135,17 +134,25 @@ def search(index_path: str, queries, model: Optional[str] = None, k: int = 5, ex
     return results, skipped, index
 
 
+#: Widest class column of the text results; longer names are cut with "..." (the path beside them is complete).
+CLASS_COLUMN = 28
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def format_results(results, index, index_path: str) -> List[str]:
     classes = f", {len(index.class_names)} classes" if index.labels is not None else ""
     lines = [f"index: {index_path} ({len(index):,} images{classes}, {index.embeddings.shape[1]}-d)", DISTANCE_NOTE]
     for result in results:
         lines.append("")
         lines.append(f"query: {result.path}" + (f" (class {result.label})" if result.label else ""))
-        width = max([len("class")] + [len(h.label) for h in result.hits])
+        width = min(CLASS_COLUMN, max([len("class")] + [len(h.label) for h in result.hits]))
         lines.append(f"  {'rank':>4}  {'d':>7}  {'cos':>7}  " + (f"{'class':<{width}}  " if index.labels is not None
                                                                   else "") + "path")
         for h in result.hits:
-            label = f"{h.label:<{width}}  " if index.labels is not None else ""
+            label = f"{_cut(h.label, width):<{width}}  " if index.labels is not None else ""
             lines.append(f"  {h.rank:>4}  {h.distance:7.4f}  {h.cosine:7.4f}  {label}{h.path}")
     return lines
 
