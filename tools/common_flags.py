@@ -303,6 +303,9 @@ def run_main(fn):
                 sys.exit(e.exit_code)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except BrokenPipeError:  # `tool | head`: the reader left; no traceback (Python's documented recipe)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except BaseException:
             end_line()  # a traceback or Ctrl-C starts on a line of its own
             raise

@@ -90,8 +90,10 @@ def main(argv):
     if len(argv) > 1:
         raise HDMLError(f"unexpected arguments {' '.join(argv[1:])} (flags start with --)")
     FLAGS = flags.FLAGS
-    print("\n".join(export(FLAGS.checkpoint, FLAGS.output, FLAGS.image_size, FLAGS.resize, FLAGS.backbone,
-                           FLAGS.embedding_size, FLAGS.variant, FLAGS.overwrite, FLAGS.verify)))
+    lines = export(FLAGS.checkpoint, FLAGS.output, FLAGS.image_size, FLAGS.resize, FLAGS.backbone,
+                   FLAGS.embedding_size, FLAGS.variant, FLAGS.overwrite, FLAGS.verify)
+    from hdml_tf.progress import wrap
+    print("\n".join(wrap(line, indent=" " * 12) for line in lines))  # under the values, on a terminal
     return 0
 
 
