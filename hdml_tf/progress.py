@@ -102,7 +102,8 @@ def fit_line(parts: Sequence[Tuple[str, int]], width: int, fraction: Optional[fl
         dropped (of equal ones, the rightmost); priority 0 parts are always kept.
       width: the terminal's columns.
       fraction: 0..1 draws a bar "[=====>    ]" in front of parts[bar_index], as wide as the room left (at most
-        max_bar; left out when fewer than min_bar columns are left); None draws none.
+        max_bar columns with its brackets, in steps of 5 below that; left out when fewer than min_bar columns
+        would be inside them); None draws none.
       bar_index: the part the bar goes in front of.
     Returns:
       the line; cut with "..." when even the priority-0 parts are too long.
