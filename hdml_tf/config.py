@@ -162,7 +162,8 @@ class RunConfig:
                                       "NMI/F1 for time (SOP's 11,316 clusters).")
     seed: int = option(0, "Seeds sampling, augmentation and initialization.")
     output_dir: str = option("runs/default", "Where results, histories, plots and weights go.")
-    verbose: int = option(1, "Keras verbosity (1 progress bar, 2 one line per epoch, 0 silent).")
+    verbose: int = option(1, "0: no progress lines; 1: progress lines (into a file: a line per epoch and per "
+                             "minute); 2: also TensorFlow's own log lines (C++ start-up, devices).")
     # Fault tolerance
     checkpoint_dir: Optional[str] = option(None, "Checkpoint directory; the same command run again resumes from "
                                                  "its newest readable checkpoint (model, optimizers, running means, "

@@ -17,6 +17,7 @@ import tensorflow as tf
 from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig, RunConfig
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.evaluation.metrics import OFFICIAL_KMEANS_RESTARTS, clustering_protocol, format_results
+from hdml_tf.progress import Activity, wrap
 from hdml_tf.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,10 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ data
 def load_splits(run: RunConfig) -> Tuple[ImageSet, ImageSet]:
-    """(train, test) ImageSets of the zero-shot split (test classes unseen in training); a photo set's count check
-    against the official numbers is logged (a warning for a partial copy)."""
+    """(train, test) ImageSets of the zero-shot split (test classes unseen in training). A photo set's reader logs
+    its count check against the official numbers once (a warning for a partial copy, `hdml_tf.data.readers`)."""
     from hdml_tf.data import datasets
     splits = datasets.get(run.dataset).load(run.data_dir, image_size=run.augment().resize, seed=run.seed)
-    report = getattr(splits, "report", None)
-    if report is not None:
-        (log.warning if report.partial else log.info)(report.summary())
     return splits[0], splits[1]
 
 
@@ -43,7 +41,7 @@ def train_dataset(run: RunConfig, hdml: HDMLConfig, train: ImageSet, start_step:
 def eval_dataset(run: RunConfig, image_set: ImageSet) -> tf.data.Dataset:
     from hdml_tf.data.pipeline import make_eval_dataset
     return make_eval_dataset(image_set, run.eval_batch_size, run.augment(), cache=run.cache,
-                             strict_images=run.strict_images, verbose=0)
+                             strict_images=run.strict_images, verbose=run.verbose)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -121,14 +119,23 @@ def evaluation_protocol(run: RunConfig, ks: Sequence[int]):
 
 
 def evaluate_model(model, dataset: tf.data.Dataset, ks: Sequence[int], progress: bool = False,
-                   kmeans_restarts: int = OFFICIAL_KMEANS_RESTARTS) -> Dict[str, float]:
+                   kmeans_restarts: int = OFFICIAL_KMEANS_RESTARTS, label: str = "network",
+                   what: str = "images") -> Dict[str, float]:
     """NMI, F1 (official k-means protocol with `kmeans_restarts` restarts), Recall@K, MAP@R of a model's
-    embeddings of an evaluation dataset."""
+    embeddings of an evaluation dataset. With `progress`, the embedding and the scoring each show a progress line
+    starting with `label` ("untrained network: embedding test images: 1,984/4,224 [...]")."""
     from hdml_tf.evaluation.embedding import embed_dataset
     from hdml_tf.evaluation.metrics import EvaluationProtocol
-    embeddings, labels = embed_dataset(model, dataset, progress=progress)
+    embeddings, labels = embed_dataset(model, dataset, progress=progress, label=f"{label}: embedding {what}")
     protocol = EvaluationProtocol(recall_ks=_fitting_ks(ks, labels), kmeans_restarts=kmeans_restarts)
-    return protocol.evaluate(embeddings, labels)
+    with Activity(scoring_label(label, kmeans_restarts), enabled=progress):
+        return protocol.evaluate(embeddings, labels)
+
+
+def scoring_label(label: str, kmeans_restarts: int = OFFICIAL_KMEANS_RESTARTS, clustering: bool = True) -> str:
+    """What the progress line of the metrics says: "hdml: scoring (k-means x10 for NMI/F1, Recall@K, MAP@R)"."""
+    kmeans = f"k-means x{kmeans_restarts} for NMI/F1, " if clustering else ""
+    return (f"{label}: " if label else "") + f"scoring ({kmeans}Recall@K, MAP@R)"
 
 
 #: Raw pixels are clustered in this many principal components (k-means in 12,288-d pixel space took ~60 s for the
@@ -137,11 +144,13 @@ RAW_PIXEL_CLUSTER_DIMS = 256
 
 
 def evaluate_raw_pixels(dataset: tf.data.Dataset, ks: Sequence[int],
-                        kmeans_restarts: int = OFFICIAL_KMEANS_RESTARTS) -> Dict[str, float]:
+                        kmeans_restarts: int = OFFICIAL_KMEANS_RESTARTS, progress: bool = False,
+                        what: str = "images") -> Dict[str, float]:
     """The same metrics with the flattened, centred, L2-normalized pixels as the embedding (what training must beat).
 
     Recall@K and MAP@R use the full pixel vectors; NMI and F1 cluster their projection on the leading
     RAW_PIXEL_CLUSTER_DIMS principal components (scikit-learn PCA, seeded), which keeps k-means to seconds.
+    `progress` shows progress lines for reading the images and for scoring.
     """
     from sklearn.decomposition import PCA
 
@@ -152,11 +161,12 @@ def evaluate_raw_pixels(dataset: tf.data.Dataset, ks: Sequence[int],
         flat = tf.reshape(tf.cast(images, tf.float32), [tf.shape(images)[0], -1])
         return tf.math.l2_normalize(flat - tf.reduce_mean(flat, axis=1, keepdims=True), axis=1)
 
-    embeddings, labels = embed_dataset(pixels, dataset, progress=False)
-    results = evaluate(embeddings, labels, recall_ks=_fitting_ks(ks, labels), clustering=False)
-    dims = min(RAW_PIXEL_CLUSTER_DIMS, embeddings.shape[1], len(embeddings))
-    projected = PCA(n_components=dims, random_state=0).fit_transform(embeddings)
-    results["nmi"], results["f1"] = nmi_f1(projected, labels, n_init=kmeans_restarts)
+    embeddings, labels = embed_dataset(pixels, dataset, progress=progress, label=f"raw pixels: reading {what}")
+    with Activity(scoring_label("raw pixels", kmeans_restarts), enabled=progress):
+        results = evaluate(embeddings, labels, recall_ks=_fitting_ks(ks, labels), clustering=False)
+        dims = min(RAW_PIXEL_CLUSTER_DIMS, embeddings.shape[1], len(embeddings))
+        projected = PCA(n_components=dims, random_state=0).fit_transform(embeddings)
+        results["nmi"], results["f1"] = nmi_f1(projected, labels, n_init=kmeans_restarts)
     return results
 
 
@@ -183,6 +193,7 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
       ConfigError: the model's classifier has fewer outputs than the training split has classes.
     """
     from hdml_tf.callbacks import SaveOnSignal, TrainingInterrupted
+    from hdml_tf.training_progress import TrainingProgress
     check_num_classes(model, train)
     if run.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -201,10 +212,15 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
             cb.resume_at(initial_step)  # a resumed run counts evaluation steps globally
     epochs = -(-run.steps // run.steps_per_epoch)
     ds = distributed_train_dataset(model, run, hdml, train, start_step=initial_step)
+    # Our own progress line (a few quantities, the whole run's time left), first so that its epoch line comes
+    # before what the evaluation callback prints; Keras' bar would print all logged quantities.
+    shown = [TrainingProgress(run.steps, initial_step, run.steps_per_epoch, "hdml" if hdml.hdml else "baseline")
+             ] if run.verbose else []
     try:
+        # shuffle=False: the sampler orders the batches (a tf.data dataset is never shuffled by fit anyway).
         history = model.fit(ds, epochs=epochs, steps_per_epoch=min(run.steps_per_epoch, run.steps),
-                            initial_epoch=initial_step // run.steps_per_epoch, callbacks=safety + list(callbacks),
-                            verbose=run.verbose)
+                            initial_epoch=initial_step // run.steps_per_epoch,
+                            callbacks=shown + safety + list(callbacks), verbose=0, shuffle=False)
     finally:
         for cb in safety:
             if isinstance(cb, SaveOnSignal):
@@ -274,8 +290,8 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     out = RunDir(run.output_dir)
     out.path.mkdir(parents=True, exist_ok=True)
     train, test = load_splits(run)
-    printer(f"data: {run.dataset}: {len(train):,} training images of {train.num_classes} classes, "
-            f"{len(test):,} test images of {test.num_classes} unseen classes; crop {run.crop_size()} px")
+    printer(f"data: {run.dataset}: {len(train):,} training images ({train.num_classes:,} classes), "
+            f"{len(test):,} test images ({test.num_classes:,} unseen classes)")
     val = None
     if run.validation_fraction > 0:
         from hdml_tf.evaluation.callback import split_validation_classes
@@ -285,25 +301,32 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
             raise ConfigError(f"validation_fraction={run.validation_fraction}: {e}")
         printer(f"model selection on {len(val):,} validation images of {val.num_classes} training classes held "
                 f"out (training on the other {train.num_classes})")
-    printer(distribute.describe(strategy, run.batch_size, hdml.loss) + f"; {run.mixed_precision} compute")
+    if run.strategy != "default":  # one device: the tools' device line said which (tools/common_flags.py)
+        printer(distribute.describe(strategy, run.batch_size, hdml.loss) + f"; {run.mixed_precision} compute")
     test_ds = eval_dataset(run, test)
     ks = run.ks()
+    shown = run.verbose > 0
     results = {"run": dataclasses.asdict(run), "method": dataclasses.asdict(hdml),
                "optim": dataclasses.asdict(optim), "test": {}}
-    results["test"]["raw_pixels"] = evaluate_raw_pixels(test_ds, ks, run.kmeans_restarts)
+    results["test"]["raw_pixels"] = evaluate_raw_pixels(test_ds, ks, run.kmeans_restarts, progress=shown,
+                                                        what="test images")
     variants = [("hdml" if hdml.hdml else "baseline", hdml)]
     if compare_baseline and hdml.hdml:
         variants.append(("baseline", dataclasses.replace(hdml, hdml=False)))
     for name, cfg in variants:
         model = build_model(run, cfg, optim, train.num_classes)
         if "untrained" not in results["test"]:
-            results["test"]["untrained"] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts)
-        printer(f"training {name}: {cfg.loss} loss, {run.backbone}, batch {run.batch_size}, {run.steps} steps")
+            results["test"]["untrained"] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts,
+                                                          progress=shown, label="untrained network",
+                                                          what="test images")
+        printer(f"training {name}: {cfg.loss} loss, {run.backbone} at {run.crop_size()} px, batch {run.batch_size}, "
+                f"{run.steps:,} steps")
         selector = _evaluation_callback(run, name, val if val is not None else test, out)
         start = time.time()
         history = fit(model, run, cfg, train, ([selector] if selector else []) + list(callbacks))
         seconds = time.time() - start
-        results["test"][name] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts)
+        results["test"][name] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts,
+                                               progress=shown, label=f"trained {name}", what="test images")
         results.setdefault("train_seconds", {})[name] = round(seconds, 1)
         out.write_history(name, history.history)
         out.plot_curves(name)
@@ -316,7 +339,10 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     rows = dict(results["test"])
     for name in results.get("selection", {}):  # the last checkpoint is named as such
         rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
-    printer(format_results(rows, protocol=results["clustering_protocol"]))
+    printer(wrap(format_results(rows, protocol=results["clustering_protocol"])))
+    from hdml_tf.run_summary import summary_lines
+    for line in summary_lines(out, [name for name, _ in variants]):
+        printer(line)
     return results
 
 
@@ -333,7 +359,8 @@ def _evaluation_callback(run: RunConfig, name: str, image_set: ImageSet, out: Ru
     files = EvaluationFiles(best_weights=str(out.best_weights(name)), csv=str(out.eval_csv(name)),
                             tensorboard=str(out.logs(name)), summary=str(out.eval_json(name)))
     return EvaluationCallback(eval_dataset(run, image_set), protocol=evaluation_protocol(run, ks), monitor=monitor,
-                              every_n_epochs=run.eval_every_epochs, files=files, verbose=int(run.verbose > 0))
+                              every_n_epochs=run.eval_every_epochs, files=files, verbose=int(run.verbose > 0),
+                              progress=run.verbose > 0)
 
 
 def _score_selected(model, run: RunConfig, name: str, selector, test_ds, ks, results: Dict, out: RunDir) -> None:
@@ -345,7 +372,9 @@ def _score_selected(model, run: RunConfig, name: str, selector, test_ds, ks, res
         results["test"][row] = dict(results["test"][name])  # the last checkpoint is the selected one
     else:
         model.load_weights(selector.files.best_weights)
-        results["test"][row] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts)
+        results["test"][row] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts,
+                                              progress=run.verbose > 0, label=f"selected {name} (step {best['step']})",
+                                              what="test images")
         model.load_weights(str(out.weights(name)))
     results.setdefault("selection", {})[name] = {
         "monitor": monitor, "on": "validation" if run.validation_fraction > 0 else "test",

@@ -14,7 +14,8 @@ FLOORS = {
     0: ("config", "errors", "atomic", "progress"),
     1: ("losses", "hardness", "layouts", "running_mean", "generator", "data"),
     2: ("model", "distribute", "backbones", "evaluation", "serving"),
-    3: ("rundir", "retrieval", "checkpointing", "callbacks", "benchmarking", "paper"),
+    3: ("rundir", "retrieval", "checkpointing", "callbacks", "benchmarking", "paper", "training_progress",
+        "run_summary"),
     4: ("experiment",),
 }
 FLOOR_OF = {name: floor for floor, names in FLOORS.items() for name in names}

@@ -29,6 +29,9 @@ import time
 import numpy as np
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common_flags  # noqa: E402,F401  (the tools' quiet start: imported before TensorFlow)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 60502, "N: number of embeddings (SOP test: 60,502).")
 flags.DEFINE_integer("num_classes", 11316, "C: number of classes (SOP test: 11,316).")

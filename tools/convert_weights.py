@@ -16,7 +16,6 @@ import glob
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
@@ -130,4 +129,5 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import common_flags
     define_flags()
+    common_flags.define_verbose_flag()
     app.run(main, flags_parser=common_flags.parse_flags)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
@@ -35,7 +34,8 @@ def define_flags():
     flags.DEFINE_string("images", None, "Folder of images (searched recursively; subfolders = classes).")
     flags.DEFINE_string("output", None, "Index file to write (.npz); default: <images>.npz beside the folder.")
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
-    flags.DEFINE_integer("verbose", 1, "1 shows a progress bar, 0 is silent.")
+    flags.DEFINE_integer("verbose", 1, "0: no progress line; 1: a progress line; 2: also TensorFlow's own log "
+                         "lines (C++ start-up, devices).")
 
 
 def list_images(folder: str, exclude=()) -> tuple:
@@ -115,8 +115,10 @@ def main(argv):
     if len(argv) > 1:
         raise HDMLError(f"unexpected arguments {' '.join(argv[1:])} (flags start with --)")
     FLAGS = flags.FLAGS
-    index, report, output = embed_folder(FLAGS.model, FLAGS.images, FLAGS.output, FLAGS.batch_size, FLAGS.verbose)
-    print("\n".join(summary(index, output)))
+    index, report, output = embed_folder(FLAGS.model, FLAGS.images, FLAGS.output, FLAGS.batch_size,
+                                         int(FLAGS.verbose > 0))
+    import common_flags
+    print("\n".join([common_flags.device_line()] + summary(index, output)))
     warn_skipped(index.skipped, report.total)
     return 0
 

@@ -30,7 +30,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
@@ -65,7 +64,8 @@ def define_flags():
     flags.DEFINE_string("plots_dir", None, "Write tsne.png and retrieval.png of the split here.")
     flags.DEFINE_integer("tsne_points", 2000, "Points on the t-SNE map (a seeded subset; ~1 min per 3,000 on 2 "
                          "cores).")
-    flags.DEFINE_bool("progress", True, "Progress bar while embedding.")
+    flags.DEFINE_bool("progress", True, "Progress lines while checking and embedding images (--verbose=0 too "
+                      "turns them off).")
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -149,7 +149,7 @@ def _run_of(path: str, variant: str) -> dict:
     return find_checkpoint(path, variant).run
 
 
-def data_config(loaded: LoadedModel, dataset=None, data_dir=None, batch_size=64, recall_ks=()):
+def data_config(loaded: LoadedModel, dataset=None, data_dir=None, batch_size=64, recall_ks=(), verbose=0):
     """The RunConfig that loads and prepares the split (data set and directory default to the training run's)."""
     from hdml_tf.config import RunConfig
 
@@ -160,7 +160,7 @@ def data_config(loaded: LoadedModel, dataset=None, data_dir=None, batch_size=64,
     crop = loaded.resize if loaded.crop_in_graph else loaded.image_size
     return RunConfig(dataset=dataset, data_dir=data_dir,
                      image_size=max(crop, 32), resize=loaded.resize, flip=False, eval_batch_size=batch_size,
-                     recall_ks=ks, seed=int(loaded.run.get("seed", 0)), verbose=0)
+                     recall_ks=ks, seed=int(loaded.run.get("seed", 0)), verbose=verbose)
 
 
 def _ints(values, name):
@@ -177,7 +177,8 @@ def evaluate(model: str, *, variant="auto", dataset=None, data_dir=None, split="
     """Loads the model and the split, embeds, scores, prints the table, writes JSON and plots; returns the report."""
     from hdml_tf.evaluation import metrics
     from hdml_tf.evaluation.embedding import embed_dataset
-    from hdml_tf.experiment import _fitting_ks, eval_dataset, load_splits
+    from hdml_tf.experiment import _fitting_ks, eval_dataset, load_splits, scoring_label
+    from hdml_tf.progress import Activity
 
     if batch_size < 1:
         raise HDMLError(f"batch_size={batch_size} must be >= 1")
@@ -188,21 +189,25 @@ def evaluate(model: str, *, variant="auto", dataset=None, data_dir=None, split="
     if model and os.path.exists(model):  # bad data flags fail before the (slow) model load
         resolve_data(model, _run_of(model, variant), dataset, data_dir)
     loaded = load_model(model, variant, image_size, resize)
-    run = data_config(loaded, dataset, data_dir, batch_size, recall_ks)
+    run = data_config(loaded, dataset, data_dir, batch_size, recall_ks, verbose=int(progress))
     image_set = load_splits(run)[0 if split == "train" else 1]
-    printer(f"model: {loaded.source} ({loaded.backbone or 'unknown backbone'}; resize {loaded.resize}, crop "
+    from common_flags import device_line
+    printer(device_line())
+    printer(f"model:  {loaded.source} ({loaded.backbone or 'unknown backbone'}; resize {loaded.resize}, crop "
             f"{loaded.image_size})")
-    printer(f"data:  {run.dataset} {split}: {len(image_set):,} images of {image_set.num_classes} classes")
+    printer(f"data:   {run.dataset} {split}: {len(image_set):,} images of {image_set.num_classes:,} classes")
     start = time.time()
-    embeddings, labels = embed_dataset(loaded.fn, eval_dataset(run, image_set), progress=progress)
+    embeddings, labels = embed_dataset(loaded.fn, eval_dataset(run, image_set), progress=progress,
+                                       label=f"embedding {split} images")
     embed_seconds = time.time() - start
     if len(labels) < 2:
         raise HDMLError(f"{run.dataset} {split} has {len(labels)} readable images; need at least 2")
     ks = _fitting_ks(run.ks(), labels)
     start = time.time()
     try:
-        results = metrics.evaluate(embeddings, labels, ks, clustering=clustering, kmeans=kmeans,
-                                   n_init=kmeans_restarts)
+        with Activity(scoring_label("", kmeans_restarts, clustering), enabled=progress):
+            results = metrics.evaluate(embeddings, labels, ks, clustering=clustering, kmeans=kmeans,
+                                       n_init=kmeans_restarts)
     except ValueError as e:
         raise HDMLError(f"cannot score {run.dataset} {split}: {e}")
     metric_seconds = time.time() - start
@@ -210,7 +215,8 @@ def evaluate(model: str, *, variant="auto", dataset=None, data_dir=None, split="
     protocol = (metrics.clustering_protocol(len(set(labels.tolist())), n_init=kmeans_restarts, kmeans=kmeans)
                 if clustering else None)
     printer(metrics.format_results({name: results}, protocol=protocol))
-    printer(f"embedding {embed_seconds:.1f} s, metrics {metric_seconds:.1f} s")
+    if not progress:  # the progress lines said it already
+        printer(f"embedding {embed_seconds:.1f} s, metrics {metric_seconds:.1f} s")
     report = {
         "model": os.path.abspath(model), "weights": os.path.abspath(loaded.source), "backbone": loaded.backbone,
         "dataset": run.dataset, "data_dir": run.data_dir, "split": split, "num_images": int(len(labels)),
@@ -221,7 +227,7 @@ def evaluate(model: str, *, variant="auto", dataset=None, data_dir=None, split="
         "embed_seconds": round(embed_seconds, 2), "metric_seconds": round(metric_seconds, 2)}
     if plots_dir:
         report["plots"] = write_plots(plots_dir, embeddings, labels, image_set, run, seed, tsne_points,
-                                      f"{name}: {run.dataset} {split}")
+                                      f"{name}: {run.dataset} {split}", progress=progress)
         printer("plots: " + ", ".join(report["plots"].values()))
     if output_json:
         folder = os.path.dirname(os.path.abspath(output_json))
@@ -232,24 +238,27 @@ def evaluate(model: str, *, variant="auto", dataset=None, data_dir=None, split="
     return report
 
 
-def write_plots(plots_dir, embeddings, labels, image_set, run, seed, tsne_points, title) -> dict:
+def write_plots(plots_dir, embeddings, labels, image_set, run, seed, tsne_points, title, progress=True) -> dict:
     """tsne.png and retrieval.png; thumbnails when the embedded images line up with the split's images."""
     import numpy as np
 
     from hdml_tf.evaluation.plots import plot_retrieval, plot_tsne
+    from hdml_tf.progress import Activity
 
     os.makedirs(plots_dir, exist_ok=True)
     images = _thumbnails(image_set, run) if len(labels) == len(image_set) else None
     paths = {"tsne": os.path.join(plots_dir, "tsne.png"), "retrieval": os.path.join(plots_dir, "retrieval.png")}
-    plot_tsne(embeddings, labels, paths["tsne"], images=images, max_points=min(tsne_points, len(labels)), seed=seed,
-              title=f"t-SNE, {title}")
+    points = min(tsne_points, len(labels))
+    with Activity(f"plots: t-SNE map of {points:,} embeddings", enabled=progress):
+        plot_tsne(embeddings, labels, paths["tsne"], images=images, max_points=points, seed=seed,
+                  title=f"t-SNE, {title}")
     if images is None:  # some files were unreadable: positions no longer match, draw labelled placeholders
         blank = np.full((32, 32, 3), 200, np.uint8)
         images = lambda i: blank  # noqa: E731
         logging.warning("some images were unreadable; the retrieval grid shows placeholders")
     names = list(image_set.class_names) if image_set.class_names is not None else None
     plot_retrieval(images, embeddings, labels, paths["retrieval"], k=min(5, len(labels) - 1), seed=seed,
-                   class_names=names)
+                   class_names=names, title=f"nearest neighbours (cosine similarity), {title}")
     return paths
 
 
@@ -274,7 +283,8 @@ def main(argv):
     evaluate(f.model, variant=f.variant, dataset=f.dataset, data_dir=f.data_dir, split=f.split,
              image_size=f.image_size, resize=f.resize, batch_size=f.batch_size,
              recall_ks=_ints(f.recall_ks, "recall_ks"), kmeans=f.kmeans, clustering=f.clustering, seed=f.seed,
-             output_json=f.output_json, plots_dir=f.plots_dir, tsne_points=f.tsne_points, progress=f.progress,
+             output_json=f.output_json, plots_dir=f.plots_dir, tsne_points=f.tsne_points,
+             progress=f.progress and f.verbose > 0,
              kmeans_restarts=f.kmeans_restarts)
     return 0
 
@@ -282,4 +292,5 @@ def main(argv):
 if __name__ == "__main__":
     import common_flags
     define_flags()
+    common_flags.define_verbose_flag()
     app.run(common_flags.run_main(main), flags_parser=common_flags.parse_flags)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
@@ -90,12 +89,15 @@ def main(argv):
     if len(argv) > 1:
         raise HDMLError(f"unexpected arguments {' '.join(argv[1:])} (flags start with --)")
     FLAGS = flags.FLAGS
-    print("\n".join(export(FLAGS.checkpoint, FLAGS.output, FLAGS.image_size, FLAGS.resize, FLAGS.backbone,
-                           FLAGS.embedding_size, FLAGS.variant, FLAGS.overwrite, FLAGS.verify)))
+    lines = export(FLAGS.checkpoint, FLAGS.output, FLAGS.image_size, FLAGS.resize, FLAGS.backbone,
+                   FLAGS.embedding_size, FLAGS.variant, FLAGS.overwrite, FLAGS.verify)
+    from hdml_tf.progress import wrap
+    print("\n".join(wrap(line, indent=" " * 12) for line in lines))  # under the values, on a terminal
     return 0
 
 
 if __name__ == "__main__":
     import common_flags
     define_flags()
+    common_flags.define_verbose_flag()
     app.run(common_flags.run_main(main), flags_parser=common_flags.parse_flags)

@@ -74,6 +74,7 @@ def main(argv):
     from hdml_tf import paper
     from hdml_tf.experiment import run_experiment
 
+    print(common_flags.device_line(run.mixed_precision))
     off = deviations(run, hdml)
     if off:
         print("note: this run differs from the paper's set-up, so its numbers are not a reproduction: "

@@ -20,7 +20,6 @@ import os
 import sys
 from typing import List, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
@@ -28,8 +27,7 @@ from absl import app, flags  # noqa: E402
 from common_flags import check_model_path, quiet_tensorflow  # noqa: E402
 from hdml_tf.errors import HDMLError  # noqa: E402
 
-DISTANCE_NOTE = ("distance d = Euclidean distance between L2-normalized embeddings = sqrt(2 - 2 cos), 0 (same) "
-                 "to 2; cos = cosine similarity")
+DISTANCE_NOTE = "d: Euclidean distance of the L2-normalized embeddings, sqrt(2 - 2 cos), 0 to 2; cos: cosine"
 
 
 def define_flags():
@@ -135,17 +133,25 @@ def search(index_path: str, queries, model: Optional[str] = None, k: int = 5, ex
     return results, skipped, index
 
 
+#: Widest class column of the text results; longer names are cut with "..." (the path beside them is complete).
+CLASS_COLUMN = 28
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def format_results(results, index, index_path: str) -> List[str]:
     classes = f", {len(index.class_names)} classes" if index.labels is not None else ""
     lines = [f"index: {index_path} ({len(index):,} images{classes}, {index.embeddings.shape[1]}-d)", DISTANCE_NOTE]
     for result in results:
         lines.append("")
         lines.append(f"query: {result.path}" + (f" (class {result.label})" if result.label else ""))
-        width = max([len("class")] + [len(h.label) for h in result.hits])
+        width = min(CLASS_COLUMN, max([len("class")] + [len(h.label) for h in result.hits]))
         lines.append(f"  {'rank':>4}  {'d':>7}  {'cos':>7}  " + (f"{'class':<{width}}  " if index.labels is not None
                                                                   else "") + "path")
         for h in result.hits:
-            label = f"{h.label:<{width}}  " if index.labels is not None else ""
+            label = f"{_cut(h.label, width):<{width}}  " if index.labels is not None else ""
             lines.append(f"  {h.rank:>4}  {h.distance:7.4f}  {h.cosine:7.4f}  {label}{h.path}")
     return lines
 
@@ -172,30 +178,22 @@ def plot_grid(results, index, path: str) -> str:
         mask = [[h.label == r.label for h in r.hits] for r in results]
         cosines = [[h.cosine for h in r.hits] for r in results]
         return plot_retrieval_grid(queries, neighbours, mask, path, query_labels=[r.label for r in results],
-                                   similarities=cosines, title="nearest neighbours (cosine similarity)")
+                                   similarities=cosines, title="nearest neighbours (cosine similarity)",
+                                   result_labels=[[h.label for h in r.hits] for r in results])
     return _plot_unlabelled(results, queries, neighbours, path)
 
 
 def _plot_unlabelled(results, queries, neighbours, path: str) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """The grid without frames (nobody knows which neighbours are right): captions give the rank, d and class."""
+    from hdml_tf.evaluation.plots import plot_image_grid
 
-    cols = 1 + max(len(r.hits) for r in results)
-    fig = Figure(figsize=(1.6 * cols, 1.8 * len(results)))
-    FigureCanvasAgg(fig)
-    for i, (result, query, row) in enumerate(zip(results, queries, neighbours)):
-        ax = fig.add_subplot(len(results), cols, i * cols + 1)
-        ax.imshow(query)
-        ax.set_title(result.label or os.path.basename(result.path), fontsize=8)
-        ax.axis("off")
-        for j, (hit, image) in enumerate(zip(result.hits, row)):
-            ax = fig.add_subplot(len(results), cols, i * cols + j + 2)
-            ax.imshow(image)
-            ax.set_title(f"{hit.rank}. d={hit.distance:.3f}" + (f"\n{hit.label}" if hit.label else ""), fontsize=8)
-            ax.axis("off")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, format="png", bbox_inches="tight")
-    return path
+    rows = []
+    for result, query, row in zip(results, queries, neighbours):
+        cells = [(query, "query: " + (result.label or os.path.basename(result.path)), None)]
+        cells += [(image, f"{hit.rank}. d={hit.distance:.3f}" + (f" {hit.label}" if hit.label else ""), None)
+                  for hit, image in zip(result.hits, row)]
+        rows.append(cells)
+    return plot_image_grid(rows, path, title="nearest neighbours (d = distance)")
 
 
 def main(argv):
@@ -221,4 +219,5 @@ def main(argv):
 if __name__ == "__main__":
     import common_flags
     define_flags()
+    common_flags.define_verbose_flag()
     app.run(common_flags.run_main(main), flags_parser=common_flags.parse_flags)

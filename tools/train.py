@@ -37,10 +37,12 @@ def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])} (flags start with --)")
     run, hdml, optim = common_flags.configs_from_flags()
-    if not run.embedded and DEMO_FLAGFILE in common_flags.FLAGS.flagfile:
-        print(f"note: training {run.dataset} on the demo's schedule (configs/demo.cfg: {run.steps} steps, learning "
-              f"rate {optim.learning_rate}); the paper's settings are in configs/{run.dataset}_*.cfg "
-              f"(--flagfile=...)", file=sys.stderr)
+    if not run.embedded and with_default_flagfile(sys.argv) != sys.argv:  # the demo's flagfile was inserted
+        from hdml_tf.progress import wrap
+        print(wrap(f"note: training {run.dataset} on the demo's schedule (configs/demo.cfg: {run.steps} steps, "
+                   f"learning rate {optim.learning_rate}); the paper's settings are in configs/{run.dataset}_*.cfg "
+                   f"(--flagfile=...)", stream=sys.stderr), file=sys.stderr)
+    print(common_flags.device_line(run.mixed_precision))
     from hdml_tf.experiment import run_experiment
     run_experiment(run, hdml, optim, compare_baseline=common_flags.FLAGS.compare_baseline)
 

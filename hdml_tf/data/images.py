@@ -31,6 +31,7 @@ import tensorflow as tf
 from hdml_tf.errors import ConfigError
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.errors import DataError
+from hdml_tf.progress import CountProgress
 
 log = logging.getLogger(__name__)
 
@@ -202,20 +203,16 @@ def _reason(path: str) -> str:
     return f"decoded on retry ({kind}); flaky storage?"
 
 
-def _progbar(total: int, verbose: int):
-    import keras  # local: keras import is slow and only needed with progress bars
-    return keras.utils.Progbar(total, verbose=verbose, unit_name="image")
-
-
 def decode_files(paths: Sequence[str], size: Optional[int], *, name: str = "", verbose: int = 1,
-                 sink=None) -> ImageScanReport:
+                 sink=None, label: Optional[str] = None) -> ImageScanReport:
     """Decodes every file once in a parallel tf.data map and reports those that fail.
 
     Args:
       paths: N file paths.
       size: resize every image to uint8 [size, size, 3] and hand it to `sink`; None only checks decoding.
       name: for messages.
-      verbose: 1 shows a progress bar, 0 is silent.
+      verbose: 1 shows a progress line (`hdml_tf.progress.CountProgress`), 0 is silent.
+      label: what the progress line says ("checking cub200/train images" / "reading ..." by default).
       sink: called as sink(index int64 [b], images uint8 [b, size, size, 3]) for each chunk of good images,
         in input order (requires `size`).
 
@@ -236,18 +233,18 @@ def decode_files(paths: Sequence[str], size: Optional[int], *, name: str = "", v
     ds = (tf.data.Dataset.zip(index, files).map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
           .ignore_errors(log_warning=False).batch(_SCAN_BATCH).prefetch(2))
     seen = np.zeros(n, bool)
-    bar = _progbar(n, verbose) if verbose and n else None
-    done = 0
-    for i, images in ds.as_numpy_iterator():
-        seen[i] = True
-        if sink is not None:
-            sink(i, images)
-        done += len(i)
-        if bar is not None:
-            bar.update(done)
-    bad_index = np.flatnonzero(~seen)
-    if bar is not None and done < n:  # bad files were dropped from the stream: close the bar
-        bar.update(n, finalize=True)
+    what = f"{name} images" if name else "images"
+    bar = CountProgress(label or (f"checking {what}" if size is None else f"reading {what}"), total=n,
+                        unit="images", enabled=bool(verbose and n))
+    with bar:
+        for i, images in ds.as_numpy_iterator():
+            seen[i] = True
+            if sink is not None:
+                sink(i, images)
+            bar.update(len(i))
+        bad_index = np.flatnonzero(~seen)
+        bar.done = n  # unreadable files were dropped from the stream; the final line counts them in
+        bar.close(note=f"{len(bad_index):,} unreadable" if len(bad_index) else "")
     bad = tuple(BadImage(str(paths[i]), _reason(str(paths[i]))) for i in bad_index)
     report = ImageScanReport(name=name, total=n, bad=bad, bad_index=tuple(int(i) for i in bad_index))
     remember_scan(paths, report)  # a full decode of these paths: a later pre-scan of them reuses it

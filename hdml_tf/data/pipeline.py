@@ -120,6 +120,8 @@ def make_eval_dataset(image_set: ImageSet, batch_size: int, augment: Augment = A
                          drop_remainder=False)
           .map(lambda images, labels_: (img.center_crop_batch(images, augment), labels_),
                num_parallel_calls=AUTOTUNE, deterministic=True))
+    # unbatch/batch of path-based sources hides the length from tf.data; it is known, and progress lines need it.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(-(-len(source.image_set) // batch_size)))
     return ds.prefetch(AUTOTUNE).with_options(_options())
 
 

@@ -25,6 +25,7 @@ from hdml_tf import atomic
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.evaluation import metrics
 from hdml_tf.evaluation.embedding import embed_dataset
+from hdml_tf.progress import Activity, end_line, wrap
 
 # Official schedule (main_npair.py): evaluate when step % bp_epoch == 0, bp_epoch = 500 until step 5000, then 64.
 OFFICIAL_FIRST_PERIOD = 500
@@ -220,6 +221,7 @@ class EvaluationCallback(keras.callbacks.Callback):
             _makedirs_for(self.files.summary)
             atomic.write_json(self.files.summary, summary)
         if self.verbose:
+            end_line()
             print(f"evaluation: best by {self.monitor} at step {self.best['step']}, last at step {self.last['step']}")
             print(metrics.format_results({"best": self.best_metrics, "last": self.last_metrics},
                                          protocol=self.describe_protocol()))
@@ -233,8 +235,11 @@ class EvaluationCallback(keras.callbacks.Callback):
         if callable(self.data) and not isinstance(self.data, tf.data.Dataset):
             embeddings, labels = self.data(self.model)
         else:
-            embeddings, labels = embed_dataset(self.model, self.data, progress=self.progress)
-        results = self.protocol.evaluate(embeddings, labels)
+            end_line(keep=False)  # a training progress line is redrawn after the evaluation
+            embeddings, labels = embed_dataset(self.model, self.data, progress=self.progress, transient=True,
+                                               label=f"evaluation at step {self.step:,}: embedding")
+        with Activity(f"evaluation at step {self.step:,}: scoring", enabled=self.progress, transient=True):
+            results = self.protocol.evaluate(embeddings, labels)
         self._num_classes = len(np.unique(labels))
         row = {"epoch": self._epoch + 1, "step": self.step, "eval_seconds": round(time.time() - start, 3), **results}
         self.history.append(row)
@@ -249,9 +254,11 @@ class EvaluationCallback(keras.callbacks.Callback):
         self._write_csv(row)
         self._write_tensorboard(results)
         if self.verbose:
-            shown = " ".join(f"{k}={100 * v:.2f}" for k, v in results.items())
-            print(f"\nevaluation at step {self.step} (epoch {self._epoch + 1}, {row['eval_seconds']:.1f} s): {shown}"
-                  + (" [best]" if improved else ""))
+            shown = " ".join(f"{metrics._COLUMN_TITLES.get(k, k.replace('recall@', 'R@'))} {100 * v:.1f}"
+                             for k, v in results.items())  # in %, titled as the tables' columns
+            end_line(keep=False)
+            print(wrap(f"evaluation at step {self.step:,} ({row['eval_seconds']:.1f} s): {shown}"
+                       + (" [best]" if improved else "")))
         return row
 
     def describe_protocol(self) -> Optional[str]:

@@ -3,18 +3,19 @@
 `embed_dataset` is the evaluation counterpart of `model.predict`: it walks a finite tf.data dataset of
 `(images, labels)` batches (the pipeline contract of docs/ARCHITECTURE.md: images float32 [B, S, S, 3] RGB 0..255,
 labels int32 [B]), calls the model on each batch and returns NumPy embeddings and labels. The official code did the
-same in `lib/evaluation.py::Evaluation` with a tqdm bar and `tf.nn.l2_normalize`.
+same in `lib/evaluation.py::Evaluation` with a tqdm bar and `tf.nn.l2_normalize`; here the bar is a labelled
+`hdml_tf.progress.CountProgress` counting images.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterable, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-
+from hdml_tf.progress import CountProgress
 
 _CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -40,14 +41,20 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def embed_dataset(model, dataset: Iterable, progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+def embed_dataset(model, dataset: Iterable, progress: bool = True, label: str = "embedding",
+                  total: Optional[int] = None, transient: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Embeddings of every image of a finite dataset.
 
     Args:
       model: a Keras model (called as `model(images, training=False)` inside a tf.function) or any callable
         mapping images [B, ...] to embeddings [B, E].
       dataset: a finite tf.data.Dataset (or any iterable) of `(images, labels)` batches; labels int [B].
-      progress: show a `keras.utils.Progbar` (target = the number of batches when tf.data knows it).
+      progress: show a progress line on stderr (`hdml_tf.progress.CountProgress`, counting images).
+      label: what the progress line says is being done ("embedding 4,224 test images, untrained network").
+      total: images expected; None = estimated from the dataset's cardinality (batches known to tf.data) times
+        the first batch's size. The final line states the exact count.
+      transient: erase the progress line when done (an evaluation repeated during training) instead of leaving
+        its final line.
     Returns:
       embeddings: float32 [N, E], L2-normalized (defensively; a no-op for HDMLModel, whose output is normalized).
       labels: int64 [N].
@@ -55,30 +62,34 @@ def embed_dataset(model, dataset: Iterable, progress: bool = True) -> Tuple[np.n
       ValueError: an element is not a pair, an infinite dataset, batch sizes of images and labels differ, or the
         model does not return [B, E].
     """
-    if isinstance(dataset, tf.data.Dataset) and int(dataset.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
-        raise ValueError("embed_dataset needs a finite dataset (do not .repeat() the evaluation data)")
-    target = None
-    if isinstance(dataset, tf.data.Dataset) and int(dataset.cardinality()) >= 0:
-        target = int(dataset.cardinality())
-    bar = keras.utils.Progbar(target, unit_name="batch") if progress else None
+    batches = None
+    if isinstance(dataset, tf.data.Dataset):
+        batches = int(dataset.cardinality())
+        if batches == int(tf.data.INFINITE_CARDINALITY):
+            raise ValueError("embed_dataset needs a finite dataset (do not .repeat() the evaluation data)")
+        batches = batches if batches >= 0 else None
+    bar = CountProgress(label, total=total, unit="images", enabled=progress, transient=transient)
     call = _batch_call(model)
     embeddings, labels = [], []
-    for step, element in enumerate(dataset):
-        if not isinstance(element, (tuple, list)) or len(element) != 2:
-            size = len(element) if hasattr(element, "__len__") else "?"
-            raise ValueError("the evaluation dataset must yield (images, labels) pairs, got "
-                             f"{type(element).__name__} of length {size}")
-        images, batch_labels = element
-        out = np.asarray(call(images), dtype=np.float32)
-        batch_labels = np.asarray(batch_labels).reshape(-1)
-        if out.ndim != 2:
-            raise ValueError(f"the model must return embeddings [B, E], got shape {out.shape}")
-        if len(out) != len(batch_labels):
-            raise ValueError(f"batch {step}: the model returned {len(out)} embeddings for {len(batch_labels)} labels")
-        embeddings.append(out)
-        labels.append(batch_labels.astype(np.int64))
-        if bar is not None:
-            bar.update(step + 1)
+    with bar:
+        for step, element in enumerate(dataset):
+            if not isinstance(element, (tuple, list)) or len(element) != 2:
+                size = len(element) if hasattr(element, "__len__") else "?"
+                raise ValueError("the evaluation dataset must yield (images, labels) pairs, got "
+                                 f"{type(element).__name__} of length {size}")
+            images, batch_labels = element
+            out = np.asarray(call(images), dtype=np.float32)
+            batch_labels = np.asarray(batch_labels).reshape(-1)
+            if out.ndim != 2:
+                raise ValueError(f"the model must return embeddings [B, E], got shape {out.shape}")
+            if len(out) != len(batch_labels):
+                raise ValueError(f"batch {step}: the model returned {len(out)} embeddings for {len(batch_labels)} "
+                                 "labels")
+            embeddings.append(out)
+            labels.append(batch_labels.astype(np.int64))
+            if bar.total is None and batches is not None:
+                bar.total = batches * len(batch_labels)  # the last batch may be smaller: an upper bound
+            bar.update(len(batch_labels))
     if not embeddings:
         raise ValueError("the evaluation dataset is empty")
     return _l2_normalize(np.concatenate(embeddings)), np.concatenate(labels)

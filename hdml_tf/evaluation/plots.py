@@ -8,7 +8,8 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+import re
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -145,9 +146,101 @@ def _spread_out(coords: np.ndarray, count: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- retrieval grid
 
+#: Retrieval grid geometry: side of one image cell (inches), caption font size (points), caption lines per cell.
+GRID_CELL_INCHES = 1.5
+GRID_FONT_SIZE = 8
+GRID_CAPTION_LINES = 2
+_BREAKS = re.compile(r"(?<=[ _./-])")  # a name may wrap after a space, an underscore, a dot, a slash or a dash
+
+
+def caption_lines(text: str, chars: int, lines: int = GRID_CAPTION_LINES) -> List[str]:
+    """`text` wrapped into at most `lines` lines of at most `chars` characters, the last one ending with "..." when
+    the rest does not fit: "001.Black_footed_Albatross" -> ["001.Black_footed_", "Albatross"] for chars=20.
+
+    Breaks after spaces, underscores, dots, slashes and dashes (class names like CUB's folder names have no
+    spaces), inside a word only when the word alone is too long.
+    """
+    pieces = [p for p in _BREAKS.split(str(text)) if p]
+    out: List[str] = []
+    current = ""
+    for piece in pieces:
+        while len(piece) > chars:  # a word longer than a line: cut it
+            if current:
+                out.append(current)
+                current = ""
+            out.append(piece[:chars])
+            piece = piece[chars:]
+        if len(current) + len(piece) > chars:
+            out.append(current)
+            current = ""
+        current += piece
+    if current:
+        out.append(current)
+    out = [line.rstrip() if line.endswith(" ") else line for line in out] or [""]
+    if len(out) > lines:
+        last = out[lines - 1]
+        out = out[:lines - 1] + [last[:max(0, chars - 3)].rstrip() + "..."]
+    return out
+
+
+def _chars_per_line(width_inches: float, font_size: float) -> int:
+    """Characters of a caption that fit a cell: DejaVu Sans averages about 0.6 em per character."""
+    return max(4, int(width_inches * 72 / (font_size * 0.6)))
+
+
+def plot_image_grid(rows: Sequence[Sequence[Tuple[object, str, Optional[str]]]], path: str, *,
+                    title: Optional[str] = None, cell: float = GRID_CELL_INCHES,
+                    font_size: float = GRID_FONT_SIZE) -> str:
+    """Rows of images, each with a caption under it and an optional coloured frame.
+
+    The figure's size follows its content: every image is `cell` inches wide, a row as tall as its tallest image
+    (landscape photos make shorter rows, so no empty band opens above or below them), plus the caption lines the
+    row needs (names are wrapped and shortened to fit their cell, `caption_lines`); the title sits right above the
+    first row.
+
+    Args:
+      rows: per row, (image, caption, frame colour or None) for each cell; images as `_display` takes them.
+      path: PNG file to write.
+      title: figure title.
+    Returns:
+      path.
+    """
+    cols = max(len(row) for row in rows)
+    chars = _chars_per_line(cell, font_size)
+    pictures = [[_display(image) for image, _, _ in row] for row in rows]
+    captions = [[caption_lines(text, chars) for _, text, _ in row] for row in rows]
+    line_inches, gap = font_size * 1.3 / 72, 0.1
+    # Row height: the tallest image at `cell` wide (aspect capped so one odd image cannot stretch a row).
+    heights = [cell * min(1.5, max(0.5, max(p.shape[0] / p.shape[1] for p in row))) for row in pictures]
+    caption_inches = [max(len(c) for c in row) * line_inches + 0.06 for row in captions]
+    title_inches = font_size * 1.6 / 72 + gap if title else 0.0
+    width = cols * (cell + gap)
+    height = title_inches + sum(heights) + sum(caption_inches) + gap * (len(rows) - 1)
+    fig = _figure(width, height)
+    top = 1.0 - title_inches / height
+    for i, row in enumerate(rows):
+        for j, (_, _, color) in enumerate(row):
+            left = (j * (cell + gap) + gap / 2) / width
+            ax = fig.add_axes((left, top - heights[i] / height, cell / width, heights[i] / height))
+            ax.imshow(pictures[i][j])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(color is not None)
+                if color is not None:
+                    spine.set_edgecolor(color)
+                    spine.set_linewidth(4)
+            fig.text(left + cell / width / 2, top - (heights[i] + 0.04) / height, "\n".join(captions[i][j]),
+                     ha="center", va="top", fontsize=font_size, linespacing=1.1)
+        top -= (heights[i] + caption_inches[i] + gap) / height
+    if title:
+        fig.text(0.5, 1.0, title, ha="center", va="top", fontsize=font_size + 3)
+    return _save(fig, path)
+
+
 def plot_retrieval_grid(query_images, result_images, correct_mask, path: str, *,
                         query_labels: Optional[Sequence[str]] = None, similarities=None,
-                        title: Optional[str] = None) -> str:
+                        title: Optional[str] = None, result_labels: Optional[Sequence[Sequence[str]]] = None) -> str:
     """Queries (left column, blue frame) with their top-k results: correct in green, wrong in red frames.
 
     Args:
@@ -155,9 +248,10 @@ def plot_retrieval_grid(query_images, result_images, correct_mask, path: str, *,
       result_images: Q rows of k images each (array [Q, k, H, W, 3] or nested lists).
       correct_mask: bool [Q, k], True where the result has the query's class.
       path: PNG file to write.
-      query_labels: optional Q captions for the queries (e.g. class names).
+      query_labels: optional Q captions for the queries (e.g. class names; wrapped and shortened to fit).
       similarities: optional float [Q, k] shown under each result.
       title: figure title.
+      result_labels: optional [Q][k] captions under the results (e.g. their class names).
     Returns:
       path.
     Raises:
@@ -173,32 +267,22 @@ def plot_retrieval_grid(query_images, result_images, correct_mask, path: str, *,
         raise ValueError(f"plot_retrieval_grid: every result row must hold k = {k} images (the mask's width)")
     if q == 0 or k == 0:
         raise ValueError("plot_retrieval_grid needs at least one query and one result")
-    fig = _figure(1.6 * (k + 1), 1.75 * q + (0.4 if title else 0.0))
     sims = None if similarities is None else np.asarray(similarities, dtype=np.float64)
+    rows = []
     for i in range(q):
-        _framed(fig.add_subplot(q, k + 1, i * (k + 1) + 1), query_images[i], _BLUE,
-                query_labels[i] if query_labels is not None else "query")
+        row = [(query_images[i], str(query_labels[i]) if query_labels is not None else "query", _BLUE)]
         for j in range(k):
-            caption = f"{j + 1}" + (f"  {sims[i, j]:.3f}" if sims is not None else "")
-            _framed(fig.add_subplot(q, k + 1, i * (k + 1) + j + 2), result_images[i][j],
-                    _GREEN if mask[i, j] else _RED, caption)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
-
-
-def _framed(ax, image, color: str, caption: str):
-    ax.imshow(_display(image))
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_edgecolor(color)
-        spine.set_linewidth(4)
-    ax.set_xlabel(caption, fontsize=8)
+            caption = f"{j + 1}." + (f" {sims[i, j]:.3f}" if sims is not None else "")
+            if result_labels is not None:
+                caption += f" {result_labels[i][j]}"
+            row.append((result_images[i][j], caption, _GREEN if mask[i, j] else _RED))
+        rows.append(row)
+    return plot_image_grid(rows, path, title=title)
 
 
 def plot_retrieval(images, embeddings, labels, path: str, *, num_queries: int = 8, k: int = 5, seed: int = 0,
-                   class_names: Optional[Sequence[str]] = None, chunk_size: Optional[int] = None) -> str:
+                   class_names: Optional[Sequence[str]] = None, chunk_size: Optional[int] = None,
+                   title: Optional[str] = "nearest neighbours (cosine similarity)") -> str:
     """Chooses seeded random queries, retrieves their k nearest neighbours (`metrics.nearest_neighbors`, self
     excluded) and draws `plot_retrieval_grid`.
 
@@ -211,6 +295,7 @@ def plot_retrieval(images, embeddings, labels, path: str, *, num_queries: int = 
       seed: query choice.
       class_names: optional names indexed by label, shown under the queries.
       chunk_size: see `metrics.nearest_neighbors`.
+      title: figure title.
     """
     from hdml_tf.evaluation.metrics import nearest_neighbors
 
@@ -221,7 +306,7 @@ def plot_retrieval(images, embeddings, labels, path: str, *, num_queries: int = 
     mask = y[idx[queries]] == y[queries][:, None]
     names = [str(class_names[y[i]]) if class_names is not None else f"class {y[i]}" for i in queries]
     return plot_retrieval_grid([get(int(i)) for i in queries], [[get(int(j)) for j in idx[i]] for i in queries],
-                               mask, path, query_labels=names, similarities=sim[queries])
+                               mask, path, query_labels=names, similarities=sim[queries], title=title)
 
 
 # -------------------------------------------------------------------------------------------- training curves
@@ -286,6 +371,8 @@ def plot_training_curves(history, path: str, *, keys: Optional[Sequence[str]] = 
     if not wanted and not val_keys:
         raise ValueError(f"no training curve to plot: none of {', '.join(keys or TRAINING_CURVE_KEYS)} or val_* in "
                          f"the history (found: {', '.join(data) or 'nothing'})")
+    from matplotlib.ticker import MaxNLocator
+
     panels = len(wanted) + (1 if val_keys else 0)
     cols = min(3, panels)
     rows = int(math.ceil(panels / cols))
@@ -300,6 +387,7 @@ def plot_training_curves(history, path: str, *, keys: Optional[Sequence[str]] = 
             ax.set_yscale("log")
         ax.set_title(_TITLES.get(key, key), fontsize=10)
         ax.set_xlabel(x_name, fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole numbers
         ax.grid(alpha=0.3)
     if val_keys:
         ax = fig.add_subplot(rows, cols, panels)
@@ -310,6 +398,7 @@ def plot_training_curves(history, path: str, *, keys: Optional[Sequence[str]] = 
             ax.plot(xs[keep], y[keep], marker=".", linewidth=1.2, label=key[4:])
         ax.set_title("validation metrics", fontsize=10)
         ax.set_xlabel(x_name, fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole numbers
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     if title:
@@ -318,4 +407,5 @@ def plot_training_curves(history, path: str, *, keys: Optional[Sequence[str]] = 
     return _save(fig, path)
 
 
-__all__ = ["plot_tsne", "plot_retrieval_grid", "plot_retrieval", "plot_training_curves", "TRAINING_CURVE_KEYS"]
+__all__ = ["plot_tsne", "plot_image_grid", "plot_retrieval_grid", "plot_retrieval", "plot_training_curves",
+           "caption_lines", "TRAINING_CURVE_KEYS"]
