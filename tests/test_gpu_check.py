@@ -154,7 +154,7 @@ def test_budget_stop_leaves_a_valid_json_with_the_rest_skipped(tmp_path):
     out = tmp_path / "check.json"
     budget = 12
     start = time.monotonic()
-    proc = _ok(_run(TINY + ["--train_steps=50", "--pieces=device,step_float32,train", f"--budget_s={budget}",
+    proc = _ok(_run(TINY + ["--train_steps=100000", "--pieces=device,step_float32,train", f"--budget_s={budget}",
                             f"--output={out}"]))
     wall = time.monotonic() - start
     result = json.loads(out.read_text())
@@ -164,7 +164,14 @@ def test_budget_stop_leaves_a_valid_json_with_the_rest_skipped(tmp_path):
     assert wall < max(budget, result["startup_s"]) + 15  # + the interpreter's start and exit
     statuses = {k: p["status"] for k, p in result["pieces"].items()}
     assert set(statuses.values()) <= {"done", "interrupted", "skipped"}
-    assert statuses["train"] == "skipped" and "budget" in result["pieces"]["train"]["reason"]
+    # Where the budget cut the training piece depends on the machine's speed: skipped before it started, killed
+    # by the watchdog while it ran, or started with every run inside it skipped or stopped early for the budget.
+    train = result["pieces"]["train"]
+    if statuses["train"] == "skipped":
+        assert "budget" in train["reason"]
+    elif statuses["train"] == "done":
+        runs = train.get("runs", {})
+        assert runs and all("budget" in (r.get("skipped", "") + r.get("stopped_early", "")) for r in runs.values())
     assert f"JSON: {out} (status budget_reached" in proc.stdout
 
 
