@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig, RunConfig
@@ -26,12 +28,7 @@ log = logging.getLogger(__name__)
 def load_splits(run: RunConfig) -> Tuple[ImageSet, ImageSet]:
     """(train, test) ImageSets of the zero-shot split (test classes unseen in training); a photo set's count check
     against the official numbers is logged (a warning for a partial copy)."""
-    from hdml_tf.data import datasets
-    splits = datasets.get(run.dataset).load(run.data_dir, image_size=run.augment().resize, seed=run.seed)
-    report = getattr(splits, "report", None)
-    if report is not None:
-        (log.warning if report.partial else log.info)(report.summary())
-    return splits[0], splits[1]
+    return _load_splits(run)[:2]
 
 
 def train_dataset(run: RunConfig, hdml: HDMLConfig, train: ImageSet, start_step: int = 0) -> tf.data.Dataset:
@@ -171,18 +168,21 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
     """`model.fit` up to global step `run.steps`, in epochs of `run.steps_per_epoch`; resumable.
 
     With `run.checkpoint_dir`, the newest readable checkpoint of this variant is restored first (model, the three
-    optimizers, J_avg / J_gen, step counter) and training goes on from its step: the sampler continues at that
-    batch (`start_step`) and the learning-rate schedule at the restored `optimizer.iterations`. Checkpoints are
-    written every `run.checkpoint_every` steps, at the end and on SIGTERM. After a mid-epoch resume Keras counts
-    epochs from the resume point; the global step, and so the weights, are those of an uninterrupted run.
+    optimizers, J_avg / J_gen, step counter, the epoch's running means) and training goes on from its step: the
+    sampler continues at that batch (`start_step`), the learning-rate schedule at the restored
+    `optimizer.iterations`, and Keras' epoch counter at the epoch of that step (`initial_epoch`), so epochs are
+    numbered as in an uninterrupted run. Every callback with a `resume_at(step)` method (EvaluationCallback,
+    EpochLog) is told the step first. Checkpoints are written every `run.checkpoint_every` steps, at the end, and on
+    SIGTERM or SIGINT (Ctrl-C); without a checkpoint directory those signals still stop training cleanly.
 
     Raises:
-      TrainingInterrupted: SIGTERM stopped training (after saving a checkpoint); run again to resume.
+      TrainingInterrupted: SIGTERM / SIGINT stopped training (after saving a checkpoint, when there is a
+        checkpoint directory); run again to resume.
       TrainingDiverged: `run.max_bad_steps` consecutive steps had NaN/Inf losses or gradients.
       CheckpointError: checkpoint_dir holds checkpoints, none readable or of another model.
       ConfigError: the model's classifier has fewer outputs than the training split has classes.
     """
-    from hdml_tf.callbacks import SaveOnSignal, TrainingInterrupted
+    from hdml_tf.callbacks import ContinueEpochMeans, SaveOnSignal, TrainingInterrupted
     check_num_classes(model, train)
     if run.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -190,15 +190,16 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
     if manager is not None:
         restored = manager.restore(model)
         initial_step = initial_step if restored is None else restored
+    for cb in callbacks:
+        if callable(getattr(cb, "resume_at", None)):
+            cb.resume_at(initial_step)  # a resumed run counts steps (and continues its files) globally
     if initial_step >= run.steps:
         log.info("training already reached step %d of %d (checkpoint in %s); nothing left to train", initial_step,
                  run.steps, manager.directory if manager else "-")
         return keras.callbacks.History()
     safety = fault_tolerance_callbacks(run, manager, initial_step)
-    from hdml_tf.evaluation.callback import EvaluationCallback
-    for cb in callbacks:
-        if isinstance(cb, EvaluationCallback) and cb.step < initial_step:
-            cb.resume_at(initial_step)  # a resumed run counts evaluation steps globally
+    if manager is not None and manager.restored_metrics is not None and initial_step % run.steps_per_epoch:
+        safety.append(ContinueEpochMeans(manager.restored_metrics))  # resumed mid-epoch
     epochs = -(-run.steps // run.steps_per_epoch)
     ds = distributed_train_dataset(model, run, hdml, train, start_step=initial_step)
     try:
@@ -241,39 +242,129 @@ def checkpoint_manager(run: RunConfig, hdml: HDMLConfig):
 
 
 def fault_tolerance_callbacks(run: RunConfig, manager, initial_step: int) -> List[keras.callbacks.Callback]:
-    """Step limit, NaN guard, and with a checkpoint manager periodic checkpoints and save-on-SIGTERM (in this order:
-    the guard raises before a checkpoint of a diverged step could be written)."""
+    """Step limit, NaN guard, periodic checkpoints (with a checkpoint manager) and a clean stop on SIGTERM / SIGINT
+    (which saves a checkpoint when there is a manager), in this order: the guard raises before a checkpoint of a
+    diverged step could be written."""
     from hdml_tf.callbacks import NonFiniteGuard, PeriodicCheckpoint, SaveOnSignal, StopAtStep
     found = [StopAtStep(run.steps, initial_step), NonFiniteGuard(run.max_bad_steps, initial_step, manager)]
+    checkpoint = None
     if manager is not None:
         checkpoint = PeriodicCheckpoint(manager, run.checkpoint_every, initial_step)
-        found += [checkpoint, SaveOnSignal(checkpoint, initial_step=initial_step)]
+        found.append(checkpoint)
+    found.append(SaveOnSignal(checkpoint, initial_step=initial_step, total_steps=run.steps))
     return found
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def variants_of(hdml: HDMLConfig, compare_baseline: bool = False) -> List[Tuple[str, HDMLConfig]]:
+    """[(name, HDMLConfig)] a run trains: "hdml" or "baseline", plus "baseline" with `compare_baseline`."""
+    found = [("hdml" if hdml.hdml else "baseline", hdml)]
+    if compare_baseline and hdml.hdml:
+        found.append(("baseline", dataclasses.replace(hdml, hdml=False)))
+    return found
+
+
+def resolve_output_dir(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, compare_baseline: bool = False,
+                       strategy=None) -> RunConfig:
+    """`run` with its output directory decided (`run.output_dir` when given).
+
+    Without one: the directory the run's checkpoint directory records for this same run (so the same command
+    continues its run), else runs/<run_name>, else a new runs/<dataset>_<loss>_<method>/version_<N>.
+    """
+    from hdml_tf import distribute, rundir
+    if run.output_dir:
+        return run
+    if strategy is not None and distribute.num_workers(strategy) > 1:
+        raise ConfigError("--strategy=multi_worker needs an explicit --output_dir (every worker must name the same "
+                          "directory)")
+    names = [name for name, _ in variants_of(hdml, compare_baseline)]
+    identity = rundir.run_identity(dataclasses.asdict(run), dataclasses.asdict(hdml), dataclasses.asdict(optim),
+                                   names)
+    found = rundir.recorded_output_dir(run.checkpoint_dir, identity)
+    if found is None:
+        found = rundir.default_output_dir(run.dataset, hdml.loss, names, run.run_name)
+    return dataclasses.replace(run, output_dir=str(found))
 
 
 def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, compare_baseline: bool = False,
                    callbacks: Sequence = (), printer=print) -> Dict:
     """Trains HDML (and the plain baseline when asked) and scores raw pixels, the untrained and the trained network.
 
-    Writes into run.output_dir (`hdml_tf.rundir.RunDir`): results.json, history_<variant>.csv, curves_<variant>.png,
-    <variant>.weights.h5 and <variant>.keras (the last weights; `hdml_tf.rundir.load_keras`, tools/export.py and
-    tools/evaluate.py read it).
+    The run owns its output directory (`hdml_tf.rundir.claim_run`, README "Runs, resuming, and what is never
+    lost"): before any work the directory (and the checkpoint directory) is created, test-written and locked; a
+    directory of another run is refused unless `run.overwrite`; the same run continues where it stopped (finished
+    evaluations and variants are not redone; training resumes from its checkpoints); a complete run is reported
+    from its stored results and no file is changed. Without `run.output_dir` a new directory per run is used
+    (`resolve_output_dir`).
+
+    Writes into the output directory (`hdml_tf.rundir.RunDir`): run.json, results.json, history_<variant>.csv (one
+    row per epoch, as it goes), curves_<variant>.png, <variant>.weights.h5 and <variant>.keras (the last weights;
+    `hdml_tf.rundir.load_keras`, tools/export.py and tools/evaluate.py read it), TensorBoard scalars of every
+    training loss and diagnostic under logs/<variant>/train.
     With `run.eval_every_epochs` > 0 also eval_<variant>.csv (one row per evaluation), eval_<variant>.json (best
-    and last), <variant>.best.weights.h5 (best by `run.monitor`) and TensorBoard scalars under logs/<variant>;
-    results["test"] then holds the last checkpoint as "<variant>" and the selected one as
+    and last), <variant>.best.weights.h5 (best by `run.monitor`) and the val_* TensorBoard scalars under
+    logs/<variant>; results["test"] then holds the last checkpoint as "<variant>" and the selected one as
     "<variant> (best val_<monitor> at step N)", and results["selection"][<variant>] says how it was selected.
-    Returns the results dict (also in results.json).
+    Returns the results dict (also in results.json; results["output_dir"] is the directory).
+
+    Raises:
+      HDMLError: bad input or an unusable directory (before any work), a failed write (one line; what was saved
+        is named), TrainingInterrupted on SIGTERM / SIGINT.
     """
+    from hdml_tf import atomic, distribute, rundir
     hdml.layout().check_batch_size(run.batch_size)
-    from hdml_tf import distribute
     strategy = distribution_strategy(run)  # first: MultiWorkerMirroredStrategy must precede other TF ops
     distribute.check_global_batch(strategy, run.batch_size, hdml.loss)
+    variants = variants_of(hdml, compare_baseline)
+    run = resolve_output_dir(run, hdml, optim, compare_baseline, strategy)
     run = _per_worker_output(run, strategy)
+    identity = rundir.run_identity(dataclasses.asdict(run), dataclasses.asdict(hdml), dataclasses.asdict(optim),
+                                   [name for name, _ in variants])
+    with rundir.claim_run(run.output_dir, identity, checkpoint_dir=run.checkpoint_dir,
+                          overwrite=run.overwrite) as claim:
+        if claim.state == "complete":
+            return _report_complete(claim, printer)
+        if run.cache and run.cache != "memory":
+            atomic.check_writable_dir(run.cache, "--cache")
+        if claim.state == "restart":
+            log.warning("%s holds an interrupted start of this run without checkpoints: training starts again from "
+                        "step 0 (pass --checkpoint_dir to be able to resume)", claim.out.path)
+        results = _train_and_score(run, hdml, optim, variants, claim, callbacks, printer)
+        claim.complete()
+    return results
+
+
+def _report_complete(claim, printer) -> Dict:
+    """A complete run asked again: says so and prints its stored results; changes no file."""
+    out = claim.out
+    results = out.read_results()
+    ended = claim.marker.get("ended") or "?"
+    printer(f"run complete: {out.path} holds this run, finished {ended}; nothing was changed. Its results "
+            f"({out.results.name}):")
+    if results.get("test"):
+        printer(format_results(_table_rows(results), protocol=results.get("clustering_protocol")))
+    printer(f"(to train it again pass --overwrite; to score it again: tools/evaluate.py --model={out.path} "
+            f"--output_json=NEW.json)")
+    return results
+
+
+def _table_rows(results: Dict) -> Dict:
+    rows = dict(results["test"])
+    for name in results.get("selection", {}):  # the last checkpoint is named as such
+        rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
+    return rows
+
+
+def _train_and_score(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, variants, claim, callbacks,
+                     printer) -> Dict:
+    from hdml_tf import distribute
+    from hdml_tf.callbacks import EpochLog
+    out = claim.out
+    started = time.time()
+    strategy = distribution_strategy(run)
     if run.deterministic:
         enable_determinism(run.seed)
-    out = RunDir(run.output_dir)
-    out.path.mkdir(parents=True, exist_ok=True)
-    train, test = load_splits(run)
+    train, test, count_report = _load_splits(run)
     printer(f"data: {run.dataset}: {len(train):,} training images of {train.num_classes} classes, "
             f"{len(test):,} test images of {test.num_classes} unseen classes; crop {run.crop_size()} px")
     val = None
@@ -288,36 +379,160 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     printer(distribute.describe(strategy, run.batch_size, hdml.loss) + f"; {run.mixed_precision} compute")
     test_ds = eval_dataset(run, test)
     ks = run.ks()
+    done = claim.variant_results
     results = {"run": dataclasses.asdict(run), "method": dataclasses.asdict(hdml),
-               "optim": dataclasses.asdict(optim), "test": {}}
-    results["test"]["raw_pixels"] = evaluate_raw_pixels(test_ds, ks, run.kmeans_restarts)
-    variants = [("hdml" if hdml.hdml else "baseline", hdml)]
-    if compare_baseline and hdml.hdml:
-        variants.append(("baseline", dataclasses.replace(hdml, hdml=False)))
+               "optim": dataclasses.asdict(optim), "output_dir": str(out.path), "test": {}}
+    results["record"] = run_record(run, train, test, val, count_report, claim)
+    if "raw_pixels" not in done:
+        done["raw_pixels"] = {"test": {"raw_pixels": evaluate_raw_pixels(test_ds, ks, run.kmeans_restarts)}}
+        claim.finished("raw_pixels", done["raw_pixels"])
+    _merge(results, done["raw_pixels"])
     for name, cfg in variants:
+        if name in done:  # trained, scored and saved by an earlier start
+            printer(f"{name}: trained and scored by an earlier start of this run (kept)")
+            _merge(results, done[name])
+            continue
         model = build_model(run, cfg, optim, train.num_classes)
-        if "untrained" not in results["test"]:
-            results["test"]["untrained"] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts)
+        check_disk_space(model, run, out)
+        if "untrained" not in done:
+            done["untrained"] = {"test": {"untrained": evaluate_model(model, test_ds, ks,
+                                                                      kmeans_restarts=run.kmeans_restarts)}}
+            claim.finished("untrained", done["untrained"])
+        _merge(results, done["untrained"])
         printer(f"training {name}: {cfg.loss} loss, {run.backbone}, batch {run.batch_size}, {run.steps} steps")
         selector = _evaluation_callback(run, name, val if val is not None else test, out)
+        epoch_log = EpochLog(out.history(name), out.train_logs(name), run.steps_per_epoch)
         start = time.time()
-        history = fit(model, run, cfg, train, ([selector] if selector else []) + list(callbacks))
+        fit(model, run, cfg, train, ([selector] if selector else []) + [epoch_log] + list(callbacks))
         seconds = time.time() - start
-        results["test"][name] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts)
-        results.setdefault("train_seconds", {})[name] = round(seconds, 1)
-        out.write_history(name, history.history)
-        out.plot_curves(name)
         geometry = run.augment()
         out.save_model(model, name, image_size=geometry.crop, resize=geometry.resize, backbone=run.backbone)
+        piece = {"test": {name: evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts)},
+                 "training": {name: {"steps": run.steps, "final_step": int(model.optimizer.iterations.numpy()),
+                                     "skipped_steps": int(float(keras.ops.convert_to_numpy(model.skipped))),
+                                     "seconds_this_start": round(seconds, 1),
+                                     "starts": len(claim.marker.get("starts", []))}},
+                 "train_seconds": {name: round(seconds, 1)}}
+        out.plot_curves(name)
         if selector is not None and selector.best is not None:
-            _score_selected(model, run, name, selector, test_ds, ks, results, out)
+            _score_selected(model, run, name, selector, test_ds, ks, piece, out)
+        claim.finished(name, piece)
+        _merge(results, piece)
     results["clustering_protocol"] = clustering_protocol(test.num_classes, n_init=run.kmeans_restarts)
+    results["record"]["wall_seconds_this_start"] = round(time.time() - started, 1)
+    results["record"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     out.write_results(results)
-    rows = dict(results["test"])
-    for name in results.get("selection", {}):  # the last checkpoint is named as such
-        rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
-    printer(format_results(rows, protocol=results["clustering_protocol"]))
+    printer(format_results(_table_rows(results), protocol=results["clustering_protocol"]))
     return results
+
+
+def _merge(results: Dict, piece: Dict) -> None:
+    """Adds a finished piece ({"test": {...}, "selection": {...}, ...}) into the results, section by section."""
+    for section, values in piece.items():
+        if isinstance(values, dict):
+            results.setdefault(section, {}).update(values)
+        else:
+            results[section] = values
+
+
+def _load_splits(run: RunConfig):
+    """(train, test, the photo set's count report or None)."""
+    from hdml_tf.data import datasets
+    splits = datasets.get(run.dataset).load(run.data_dir, image_size=run.augment().resize, seed=run.seed)
+    report = getattr(splits, "report", None)
+    if report is not None:
+        (log.warning if report.partial else log.info)(report.summary())
+    return splits[0], splits[1], report
+
+
+def run_record(run: RunConfig, train: ImageSet, test: ImageSet, val, count_report, claim) -> Dict:
+    """What was run, for results.json: data counts per split and their check, skipped images, library versions,
+    the project's commit, host, the starts of this run."""
+    from hdml_tf.data.images import drop_bad_images
+
+    def split(image_set):
+        if image_set is None:
+            return None
+        entry = {"images": len(image_set), "classes": int(image_set.num_classes)}
+        if not image_set.in_memory:
+            _, scan = drop_bad_images(image_set, strict=False, verbose=0)  # the pipeline's own scan (remembered)
+            entry["unreadable_skipped"] = [f"{b.path}: {b.reason}" for b in scan.bad]
+        return entry
+
+    data = {"dataset": run.dataset, "train": split(train), "test": split(test)}
+    if val is not None:
+        data["validation"] = split(val)
+    if count_report is not None:
+        data["partial_copy"] = bool(count_report.partial)
+        data["count_check"] = count_report.summary()
+    return {"data": data, "versions": library_versions(), "commit": project_commit(),
+            "host": __import__("socket").gethostname(), "starts": claim.marker.get("starts", [])}
+
+
+def library_versions() -> Dict[str, str]:
+    """Versions of Python and of the libraries a result depends on."""
+    import platform
+
+    from hdml_tf import __version__
+    versions = {"python": platform.python_version(), "hdml_tf": __version__, "tensorflow": tf.__version__,
+                "keras": keras.__version__}
+    for name, module in (("numpy", "numpy"), ("scikit-learn", "sklearn"), ("scipy", "scipy"), ("h5py", "h5py")):
+        try:
+            versions[name] = __import__(module).__version__
+        except ImportError:  # pragma: no cover
+            versions[name] = None
+    return versions
+
+
+def project_commit() -> Optional[Dict]:
+    """{"commit", "dirty"} of the git checkout hdml_tf runs from, or None (an installed copy, no git)."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def check_disk_space(model, run: RunConfig, out: RunDir) -> None:
+    """Refuses to start when the disks of the output and checkpoint directories cannot hold what the run writes
+    (weights, .keras with the optimizers, the best weights, `keep_checkpoints` + 1 checkpoints), so a full disk is
+    found in seconds, not after hours of training. One WriteError line names the space needed and free."""
+    from hdml_tf import atomic, rundir
+    weights = sum(_nbytes(v) for v in model.variables)
+    optimizer = sum(_nbytes(v) for opt in _optimizers(model) for v in opt.variables)
+    needs = {out.path: weights * (2 + (1 if run.eval_every_epochs > 0 else 0)) + optimizer}
+    if run.checkpoint_dir:
+        ckpt = Path(run.checkpoint_dir)
+        needs[ckpt] = needs.get(ckpt, 0) + (run.keep_checkpoints + 1) * (weights + optimizer)
+    by_device: Dict[int, List] = {}
+    for path, size in needs.items():
+        by_device.setdefault(os.stat(path).st_dev, []).append((path, size))
+    for entries in by_device.values():
+        needed = sum(size for _, size in entries)
+        free = rundir.free_bytes(entries[0][0])
+        if free is not None and free < needed * 1.05 + (1 << 20):
+            where = " and ".join(str(p) for p, _ in entries)
+            raise atomic.WriteError(
+                f"not enough disk space for this run: {where} has {free / 1e6:,.1f} MB free, but the run writes about "
+                f"{needed / 1e6:,.1f} MB (weights {weights / 1e6:,.1f} MB, optimizers {optimizer / 1e6:,.1f} MB"
+                + (f", {run.keep_checkpoints} checkpoints kept" if run.checkpoint_dir else "")
+                + "); free some space or choose another directory")
+
+
+def _nbytes(variable) -> int:
+    return int(np.prod(variable.shape)) * tf.as_dtype(variable.dtype).size
+
+
+def _optimizers(model):
+    return [o for o in (getattr(model, a, None) for a in ("optimizer", "generator_optimizer",
+                                                            "classifier_optimizer")) if o is not None]
 
 
 def _evaluation_callback(run: RunConfig, name: str, image_set: ImageSet, out: RunDir):

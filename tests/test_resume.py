@@ -123,7 +123,7 @@ def test_sigterm_saves_stops_cleanly_and_the_same_call_resumes(tmp_path):
             if len(batches) == 3:
                 os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends on preemption
 
-    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM at step \d; the checkpoint in .* holds "
+    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM at step \d of 10; the checkpoint in .* holds "
                                                   r"that step: run the same command again") as stopped:
         experiment.fit(model, run, hdml, train, callbacks=[Preempt()])
     assert stopped.value.exit_code == 143

@@ -145,8 +145,9 @@ def parse_flags(argv):
 def run_main(fn):
     """Wraps a tool's main: a user error (HDMLError) prints one line and exits 2, without a traceback.
 
-    Training stopped by SIGTERM after saving its checkpoint (hdml_tf.callbacks.TrainingInterrupted, which carries
-    an `exit_code`) prints `interrupted: ...` and exits 128 + the signal number (143).
+    Training stopped by SIGTERM or Ctrl-C (hdml_tf.callbacks.TrainingInterrupted, which carries an `exit_code`)
+    prints `interrupted: ...` and exits 128 + the signal number (143, 130); Ctrl-C anywhere else (loading data,
+    evaluating) prints one `interrupted:` line and exits 130, without a traceback.
     """
     from hdml_tf.errors import HDMLError
 
@@ -161,6 +162,10 @@ def run_main(fn):
                 sys.exit(e.exit_code)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted: stopped by Ctrl-C (SIGINT); files already written are complete (every write is "
+                  "atomic); run the same command again to continue", file=sys.stderr)
+            sys.exit(130)
     return main
 
 
