@@ -200,12 +200,8 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
     safety = fault_tolerance_callbacks(run, manager, initial_step)
     if manager is not None and manager.restored_metrics is not None and initial_step % run.steps_per_epoch:
         safety.append(ContinueEpochMeans(manager.restored_metrics))  # resumed mid-epoch
-    epochs = -(-run.steps // run.steps_per_epoch)
-    ds = distributed_train_dataset(model, run, hdml, train, start_step=initial_step)
     try:
-        history = model.fit(ds, epochs=epochs, steps_per_epoch=min(run.steps_per_epoch, run.steps),
-                            initial_epoch=initial_step // run.steps_per_epoch, callbacks=safety + list(callbacks),
-                            verbose=run.verbose)
+        history = _fit_global_epochs(model, run, hdml, train, safety + list(callbacks), initial_step)
     finally:
         for cb in safety:
             if isinstance(cb, SaveOnSignal):
@@ -214,6 +210,55 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
         if isinstance(cb, SaveOnSignal) and cb.interrupted is not None:
             raise TrainingInterrupted(cb.message, cb.interrupted)
     return history
+
+
+class _OneTraining(keras.callbacks.CallbackList):
+    """The callbacks of two `model.fit` calls that make one training: the train begin of the first and the train
+    end of the last reach the callbacks, nothing in between (see `_fit_global_epochs`)."""
+
+    begun = ended = False
+    last = True
+
+    def on_train_begin(self, logs=None):
+        if not self.begun:
+            self.begun = True
+            super().on_train_begin(logs)
+
+    def on_train_end(self, logs=None):
+        if self.last and not self.ended:
+            self.ended = True
+            super().on_train_end(logs)
+
+
+def _fit_global_epochs(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks,
+                       initial_step: int) -> keras.callbacks.History:
+    """`model.fit` from global step `initial_step` to `run.steps` with epochs on the global grid.
+
+    Keras counts an epoch's steps from where `fit` starts, so a run resumed mid-epoch would shift every later epoch
+    end (history rows, evaluations every k epochs) against an uninterrupted run. A mid-epoch resume therefore first
+    finishes its epoch in a `fit` of the remaining steps, then trains whole epochs in a second `fit`; the callbacks
+    see one training (`_OneTraining`), and each `fit` reads the sampler from its own first step.
+    """
+    spe = min(run.steps_per_epoch, run.steps)
+    epochs = -(-run.steps // spe)
+    first, into = divmod(initial_step, spe)
+    phases = ([(first, first + 1, spe - into, initial_step)] if into else []) + [
+        (first + (1 if into else 0), epochs, spe, (first + (1 if into else 0)) * spe)]
+    phases = [p for p in phases if p[0] < p[1]]
+    listed = _OneTraining(list(callbacks), add_history=True, add_progbar=run.verbose != 0, verbose=run.verbose,
+                          epochs=epochs, steps=spe, model=model)
+    for i, (start_epoch, end_epoch, steps, start_step) in enumerate(phases):
+        listed.last = i == len(phases) - 1
+        listed.set_params({"verbose": run.verbose, "epochs": epochs, "steps": steps})
+        ds = distributed_train_dataset(model, run, hdml, train, start_step=start_step)
+        model.fit(ds, epochs=end_epoch, steps_per_epoch=steps, initial_epoch=start_epoch, callbacks=listed,
+                  verbose=run.verbose)
+        if model.stop_training:
+            break
+    if not listed.ended:  # stopped in an earlier phase: end the training for the callbacks
+        listed.last = True
+        listed.on_train_end()
+    return model.history
 
 
 def enable_determinism(seed: int) -> None:
@@ -376,6 +421,7 @@ def _train_and_score(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, varia
             raise ConfigError(f"validation_fraction={run.validation_fraction}: {e}")
         printer(f"model selection on {len(val):,} validation images of {val.num_classes} training classes held "
                 f"out (training on the other {train.num_classes})")
+    check_splits(run, hdml, train, test, val)
     printer(distribute.describe(strategy, run.batch_size, hdml.loss) + f"; {run.mixed_precision} compute")
     test_ds = eval_dataset(run, test)
     ks = run.ks()
@@ -424,6 +470,29 @@ def _train_and_score(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, varia
     out.write_results(results)
     printer(format_results(_table_rows(results), protocol=results["clustering_protocol"]))
     return results
+
+
+def check_splits(run: RunConfig, hdml: HDMLConfig, train: ImageSet, test: ImageSet, val=None) -> None:
+    """Before any work: the training split can fill a batch of the loss's layout, and the test (and validation)
+    split can be scored (a class with two or more images for Recall@K, two classes for the zero-shot protocol).
+
+    Raises:
+      DataError: one line naming the split, what it has and what it needs.
+    """
+    from hdml_tf.data.sampler import TupleSampler
+    from hdml_tf.errors import DataError
+    TupleSampler(train.labels, hdml.loss, run.batch_size, run.seed, name=train.name or f"{run.dataset}/train")
+    for image_set, role in ((test, "test"), (val, "validation")):
+        if image_set is None:
+            continue
+        counts = np.bincount(np.asarray(image_set.labels, np.int64)) if len(image_set) else np.zeros(0, int)
+        name = image_set.name or f"{run.dataset}/{role}"
+        if (counts > 0).sum() < 2:
+            raise DataError(f"{name}: the {role} split has {(counts > 0).sum()} class(es); scoring unseen classes "
+                            "needs at least 2 (a folder data set: add class folders)")
+        if not (counts >= 2).any():
+            raise DataError(f"{name}: every class of the {role} split has a single image, so no image has a "
+                            "neighbour of its class and Recall@K is undefined; each class needs at least 2 images")
 
 
 def _merge(results: Dict, piece: Dict) -> None:

@@ -576,13 +576,25 @@ def _remove(paths: Sequence[Path]) -> None:
 def weights_bytes(model) -> bytes:
     """The `.weights.h5` file of `model.save_weights`, built in memory (h5py never writes to the disk)."""
     from keras.src.saving import saving_lib  # noqa: the in-memory path of Keras' own save_weights
-    if not model.built:
-        raise HDMLError("cannot save the weights of a model that is not built yet")
+    _ensure_built(model)
     buffer = io.BytesIO()
     store = saving_lib.H5IOStore(buffer, mode="w")
     saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
     store.close()
     return buffer.getvalue()
+
+
+def _ensure_built(model) -> None:
+    """Keras saves only built models; an HDMLModel trained (or restored) without ever being called is complete but
+    not marked built: one inference call on a zero image marks it."""
+    if model.built:
+        return
+    backbone = getattr(model, "backbone", None)
+    shape = tuple(backbone.input_shape[1:]) if backbone is not None else ()
+    if len(shape) != 3 or None in shape:
+        raise HDMLError("cannot save the weights of a model that is not built yet")
+    import numpy as np
+    model(np.zeros((1,) + shape, np.float32), training=False)
 
 
 def write_weights(model, path, what: str = "the weights") -> Path:
@@ -804,6 +816,7 @@ def save_keras(model, path: str, *, image_size: Optional[int] = None, resize: Op
         # HDMLModel's sub-networks are built when it is constructed, but Keras only marks the outer model built
         # after a __call__; saving is complete either way.
         warnings.filterwarnings("ignore", message=".*has not yet been built.*")
+        _ensure_built(model)
         saving_lib.save_model(model, buffer)
     with zipfile.ZipFile(buffer, "a") as archive:
         archive.writestr(KERAS_METADATA_ENTRY, json.dumps(meta, indent=2, default=atomic._json_default))
