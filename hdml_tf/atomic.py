@@ -90,6 +90,19 @@ def check_writable_dir(path: PathLike, what: str) -> Path:
     return path
 
 
+def check_writable_file(path: PathLike, what: str) -> Path:
+    """Before the work that produces it: the file `path` can be written (its directory is created and
+    test-written); one `WriteError` line naming `what` (e.g. "--output") otherwise. Nothing is left behind."""
+    path = Path(path)
+    if path.is_dir():
+        raise WriteError(f"{what}={path} is a directory; expected a file name")
+    try:
+        check_writable_dir(path.parent, "the directory")
+    except WriteError as e:
+        raise WriteError(f"cannot write {what}={path}: {str(e).split(': ', 1)[-1]}") from None
+    return path
+
+
 @contextlib.contextmanager
 def guarded(what: str, target: PathLike) -> Iterator[None]:
     """Turns a failed write inside the block into one `WriteError` line: what, where, why, and what is left.

@@ -263,6 +263,9 @@ class ServingModule(tf.Module):
 
 
 def _prepare_dir(export_dir: str, overwrite: bool) -> None:
+    """Checks the destination before anything is written (an existing SavedModel is replaced only when the new one
+    is complete, by `_write_saved_model`)."""
+    from hdml_tf import atomic
     if os.path.isfile(export_dir):
         raise HDMLError(f"export directory {export_dir} is a file; expected a new or empty directory")
     if os.path.isdir(export_dir) and os.listdir(export_dir):
@@ -271,7 +274,41 @@ def _prepare_dir(export_dir: str, overwrite: bool) -> None:
         if not overwrite:
             raise HDMLError(f"export directory {export_dir} already holds a SavedModel; pass overwrite=True "
                             "(--overwrite) to replace it")
-        shutil.rmtree(export_dir)
+    atomic.check_writable_dir(os.path.dirname(os.path.abspath(export_dir)), "the export directory's parent")
+
+
+def _write_saved_model(module, signatures, info: EmbeddingInfo, export_dir: str) -> None:
+    """Writes the SavedModel into a temporary directory beside `export_dir`, then renames it into place: a failed
+    export (full disk, killed process) never leaves a partial SavedModel under the final name, and a replaced one
+    stays until the new one is complete."""
+    from hdml_tf import atomic
+    final = os.path.abspath(export_dir)
+    temp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
+    old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        with atomic.guarded("the SavedModel", final):
+            try:
+                tf.saved_model.save(module, temp, signatures=signatures)
+            except tf.errors.OpError as e:  # TensorFlow's file errors are not OSErrors
+                raise OSError(getattr(e, "errno", None) or 0, " ".join(e.message.split())[:200]) from None
+            os.makedirs(os.path.join(temp, os.path.dirname(METADATA_FILE)), exist_ok=True)
+            atomic.write_json(os.path.join(temp, METADATA_FILE),
+                              {**info.to_dict(), "signatures": sorted(signatures), "output": OUTPUT_KEY})
+            moved = False
+            if os.path.isdir(final):
+                os.replace(final, old)  # an empty directory, or the SavedModel being replaced (overwrite)
+                moved = True
+            try:
+                os.replace(temp, final)
+            except OSError:
+                if moved:
+                    os.replace(old, final)  # the previous SavedModel goes back under its name
+                raise
+            atomic.fsync_dir(os.path.dirname(final))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_saved_model(model_or_embedder, export_dir: str, image_size: Optional[int] = None, *,
@@ -304,10 +341,7 @@ def export_saved_model(model_or_embedder, export_dir: str, image_size: Optional[
     _prepare_dir(export_dir, overwrite)
     module = ServingModule(embedder, info)
     signatures = module.signatures()
-    tf.saved_model.save(module, export_dir, signatures=signatures)
-    os.makedirs(os.path.join(export_dir, os.path.dirname(METADATA_FILE)), exist_ok=True)
-    with open(os.path.join(export_dir, METADATA_FILE), "w") as f:
-        json.dump({**info.to_dict(), "signatures": sorted(signatures), "output": OUTPUT_KEY}, f, indent=2)
+    _write_saved_model(module, signatures, info, export_dir)
     max_diff = verify_export(embedder, export_dir, info) if verify else None
     return ExportResult(export_dir=export_dir, info=info, signatures=tuple(sorted(signatures)),
                         max_abs_diff=max_diff)

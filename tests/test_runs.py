@@ -8,7 +8,6 @@ serving tools' unwritable outputs are in test_faults.py.
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -167,24 +166,6 @@ def test_a_second_process_on_the_same_checkpoint_dir_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- row 2 and row 8: where
-@pytest.fixture
-def readonly_dir(tmp_path):
-    """A directory that exists but cannot be written: chmod 555 for a user; for root (whom chmod does not stop) a
-    read-only tmpfs mounted on it."""
-    path = tmp_path / "readonly"
-    path.mkdir()
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        yield path
-        path.chmod(0o755)
-        return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("running as root (chmod does not stop root) and a read-only tmpfs cannot be mounted here")
-    yield path
-    subprocess.run(["umount", str(path)], capture_output=True)
-
-
 def test_an_unwritable_output_dir_is_one_line_before_any_work(readonly_dir, tmp_path):
     """It used to train and evaluate fully (hours on a GPU), then die on a PermissionError with nothing saved."""
     result = _train(*TINY, f"--output_dir={readonly_dir}", timeout=120)

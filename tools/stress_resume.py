@@ -20,7 +20,6 @@ trial matched, 1 when one differed; errors print one line and exit 2.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
