@@ -186,6 +186,7 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
     check_num_classes(model, train)
     if run.deterministic:
         tf.config.experimental.enable_op_determinism()
+        _warn_if_onednn()
     manager = checkpoint_manager(run, hdml)
     if manager is not None:
         restored = manager.restore(model)
@@ -262,9 +263,41 @@ def _fit_global_epochs(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet,
 
 
 def enable_determinism(seed: int) -> None:
-    """Seeds Python, NumPy, TensorFlow and Keras, and makes TensorFlow ops deterministic (global, irreversible)."""
+    """Seeds Python, NumPy, TensorFlow and Keras, and makes TensorFlow ops deterministic (global, irreversible).
+
+    Bit-identical runs on a CPU also need TensorFlow's oneDNN kernels off (TF_ENABLE_ONEDNN_OPTS=0 before
+    TensorFlow is imported; the tools do it for --deterministic): `onednn_enabled` tells, and a warning says so.
+    """
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    _warn_if_onednn()
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN CPU kernels (decided when TensorFlow was imported)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # pragma: no cover - another TensorFlow build
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") not in ("0", "false", "False")
+
+
+_ONEDNN_WARNED = []
+
+
+def _warn_if_onednn() -> None:
+    if onednn_enabled() and not tf.config.list_physical_devices("GPU") and not _ONEDNN_WARNED:
+        _ONEDNN_WARNED.append(True)
+        log.warning("deterministic run with TensorFlow's oneDNN CPU kernels on: two processes can differ in the last "
+                    "bits of a gradient (measured: README 'Runs, resuming, and what is never lost'); set "
+                    "TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported (tools/train.py does it for "
+                    "--deterministic)")
+
+
+def determinism_state(run: RunConfig) -> Dict:
+    """What results.json records about determinism: the flag, op determinism, and the CPU kernels."""
+    return {"deterministic": bool(run.deterministic), "onednn": onednn_enabled(),
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
 
 
 def check_num_classes(model, train: ImageSet) -> None:
@@ -535,6 +568,7 @@ def run_record(run: RunConfig, train: ImageSet, test: ImageSet, val, count_repor
         data["partial_copy"] = bool(count_report.partial)
         data["count_check"] = count_report.summary()
     return {"data": data, "versions": library_versions(), "commit": project_commit(),
+            "determinism": determinism_state(run),
             "host": __import__("socket").gethostname(), "starts": claim.marker.get("starts", [])}
 
 

@@ -12,6 +12,46 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _flag_values(argv, name, depth=0):
+    """The values `--name` / `--noname` / `--name=v` take in argv and the flagfiles it names, in order."""
+    found = []
+    for arg in argv:
+        if arg.startswith("--flagfile=") and depth < 10:
+            try:
+                with open(os.path.expanduser(arg.split("=", 1)[1])) as f:
+                    lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+            except OSError:
+                continue  # absl reports an unreadable flagfile itself
+            found += _flag_values(lines, name, depth + 1)
+        elif arg in (f"--{name}", f"-{name}"):
+            found.append(True)
+        elif arg in (f"--no{name}", f"-no{name}"):
+            found.append(False)
+        elif arg.startswith((f"--{name}=", f"-{name}=")):
+            found.append(arg.split("=", 1)[1].lower() in ("1", "true", "t", "yes", "y"))
+    return found
+
+
+def pin_kernels_for_determinism(argv=None) -> bool:
+    """With --deterministic (on the command line or in a flagfile), turns TensorFlow's oneDNN CPU kernels off
+    (TF_ENABLE_ONEDNN_OPTS=0) before TensorFlow is imported, unless the environment already decides.
+
+    Why: tools/stress_resume.py showed that with oneDNN on, two processes training from the same state on the same
+    batch can differ in the last bit of a weight gradient (a matrix product or convolution filter gradient: identical
+    inputs, different float summation order), so "bit-identical" resumed and repeated runs held only most of the
+    time; with oneDNN off (TensorFlow's Eigen kernels) every run matched. README "Runs, resuming, and what is never
+    lost" has the measurements. Returns whether oneDNN was turned off here.
+    """
+    values = _flag_values(list(sys.argv[1:] if argv is None else argv), "deterministic")
+    if values and values[-1] and "TF_ENABLE_ONEDNN_OPTS" not in os.environ and "tensorflow" not in sys.modules:
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+        return True
+    return False
+
+
+pin_kernels_for_determinism()
+
 from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -15,8 +15,10 @@ be bit-identical in every array (weights, BatchNorm statistics, running means, t
 whose checkpoint differs with the number of differing arrays.
 
 The training is `hdml_tf.experiment.fit`, exactly what tools/train.py runs, on the embedded glyphs (or digits) with
-`RunConfig(deterministic=True)`; each start is a new process (`--worker`, this same file). Exit code 0 when every
-trial matched, 1 when one differed; errors print one line and exit 2.
+`RunConfig(deterministic=True)` and, like tools/train.py --deterministic, TensorFlow's oneDNN CPU kernels off
+(`--onednn` turns them on: that is how this tool found why one resume in five differed, README "Runs, resuming,
+and what is never lost"); each start is a new process (`--worker`, this same file). Exit code 0 when every trial
+matched, 1 when one differed; errors print one line and exit 2.
 """
 from __future__ import annotations
 
@@ -57,6 +59,11 @@ flags.DEFINE_integer("seed", 0, "Seed of the training (and, + 1, of the kill poi
 flags.DEFINE_string("work_dir", None, "Where the checkpoint directories go (default: a temporary folder, removed).")
 flags.DEFINE_string("output", None, "JSON report (atomic).")
 flags.DEFINE_float("timeout_s", 900.0, "Longest one start of the training may take.")
+flags.DEFINE_bool("onednn", False, "Run the trainings with TensorFlow's oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS=1). "
+                  "Off is what tools/train.py --deterministic does; on reproduces the cross-process differences "
+                  "this tool found (README).")
+flags.DEFINE_bool("fresh_cache", False, "Reference 0 renders the glyphs into an empty cache (the others read it): "
+                  "the situation in which two runs differed with oneDNN on.")
 # Worker mode (the tool starting itself): one start of the training.
 flags.DEFINE_bool("worker", False, "Internal: run the training once into --checkpoint_dir.")
 flags.DEFINE_string("checkpoint_dir", None, "Internal (--worker): checkpoint directory.")
@@ -112,19 +119,22 @@ def worker() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def _start(checkpoint_dir: Path, log):
+def _start(checkpoint_dir: Path, log, cache_home=None):
     command = [sys.executable, os.path.abspath(__file__), "--worker", f"--checkpoint_dir={checkpoint_dir}"]
     command += [f"--{name}={FLAGS[name].value}" for name in
                 ("steps", "steps_per_epoch", "checkpoint_every", "dataset", "backbone", "image_size", "batch_size",
                  "embedding_size", "window", "seed")]
     command.append("--hdml" if FLAGS.hdml else "--nohdml")
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1" if FLAGS.onednn else "0"}
+    if cache_home:
+        env["XDG_CACHE_HOME"] = str(cache_home)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1, env=env)
 
 
-def run_to_end(checkpoint_dir: Path, log) -> float:
+def run_to_end(checkpoint_dir: Path, log, cache_home=None) -> float:
     """One start that must finish; returns its wall time."""
     start = time.time()
-    proc = _start(checkpoint_dir, log)
+    proc = _start(checkpoint_dir, log, cache_home)
     try:
         for _ in proc.stdout:
             pass
@@ -210,16 +220,15 @@ def main(argv):
     report = {"settings": {name: FLAGS[name].value for name in
                            ("trials", "kills", "references", "steps", "steps_per_epoch", "checkpoint_every",
                             "dataset", "backbone", "image_size", "batch_size", "embedding_size", "hdml", "window",
-                            "seed")},
-              "environment": {k: os.environ.get(k) for k in ("TF_ENABLE_ONEDNN_OPTS", "OMP_NUM_THREADS",
-                                                             "TF_NUM_INTRAOP_THREADS")},
+                            "seed", "onednn", "fresh_cache")},
+              "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")},
               "references": [], "trials": []}
     started = time.time()
     with open(work / "workers.log", "a") as log:
         references = []
         for r in range(FLAGS.references):
             directory = work / f"reference_{r}"
-            seconds = run_to_end(directory, log)
+            seconds = run_to_end(directory, log, work / "fresh_cache" if FLAGS.fresh_cache and r == 0 else None)
             references.append(directory)
             entry = {"seconds": round(seconds, 1)}
             if r:
