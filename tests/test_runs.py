@@ -341,3 +341,35 @@ def test_results_record_what_was_run(finished):
     assert record["wall_seconds_this_start"] > 0 and len(record["starts"]) == 1
     assert results["run"]["steps"] == 4 and results["method"]["embedding_size"] == 8  # the full configuration
     assert results["output_dir"] == str(Path("runs/digits_npair_hdml/version_1"))
+
+
+def test_a_resumed_evaluation_callback_continues_its_csv_tensorboard_and_best(tmp_path):
+    """Evaluations after the resume step are trained and evaluated again: they leave the CSV and TensorBoard; the
+    best is the best of what is kept, unless the best-weights file holds a dropped evaluation (then it stays)."""
+    import tensorflow as tf
+
+    from hdml_tf.evaluation.callback import EvaluationCallback, EvaluationFiles, write_scalars
+    from hdml_tf.evaluation.metrics import EvaluationProtocol
+    columns = ["epoch", "step", "eval_seconds", "nmi", "recall@1"]
+    rows = [{"epoch": e, "step": 2 * e, "eval_seconds": 0.1, "nmi": 0.1 * e, "recall@1": r}
+            for e, r in ((1, 0.5), (2, 0.7), (3, 0.9))]
+    files = EvaluationFiles(csv=str(tmp_path / "eval.csv"), tensorboard=str(tmp_path / "tb"),
+                            best_weights=str(tmp_path / "best.weights.h5"))
+    protocol = EvaluationProtocol(recall_ks=(1,), clustering=True)
+    for keep_best_file in (False, True):
+        (tmp_path / "eval.csv").write_text(rundir.rows_to_csv(rows, columns))
+        writer = tf.summary.create_file_writer(str(tmp_path / "tb"))
+        for row in rows:
+            write_scalars(writer, {"val_recall@1": row["recall@1"]}, row["step"])
+        writer.close()
+        best_file = tmp_path / "best.weights.h5"
+        if keep_best_file:
+            best_file.write_bytes(b"the weights of step 6")
+        elif best_file.exists():
+            best_file.unlink()
+        cb = EvaluationCallback(lambda m: None, protocol=protocol, files=files, initial_step=5, verbose=0)
+        assert [r["step"] for r in cb.history] == [2, 4] and cb.last["step"] == 4
+        assert cb.best["step"] == (6 if keep_best_file else 4)
+        assert [r["step"] for r in rundir.read_csv_rows(tmp_path / "eval.csv")] == [2, 4]
+        assert rundir.csv_columns(tmp_path / "eval.csv") == columns  # the callback appends with its own header
+        assert sorted(s for s, _ in _events(tmp_path / "tb")["val_recall@1"]) == [2, 4]

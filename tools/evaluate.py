@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a trained embedding on a data set split: a paper-style table in the terminal and a JSON file.
 
-    python tools/evaluate.py --model=runs/demo                         # a training run directory (its test split)
+    python tools/evaluate.py --model=runs/glyphs_npair_hdml/version_1  # a training run directory (its test split)
     python tools/evaluate.py --model=runs/cub/hdml.keras --dataset=cub200 --data_dir=/data/CUB_200_2011
     python tools/evaluate.py --model=runs/cub/hdml.best.weights.h5 --data_dir=/data/CUB_200_2011   # selected ckpt
     python tools/evaluate.py --model=exported/cub --dataset=cub200 --data_dir=... --output_json=cub.json \

@@ -220,8 +220,9 @@ class EvaluationCallback(keras.callbacks.Callback):
         summary = {"monitor": self.prefix + self.monitor, "best": self.best, "last": self.last,
                    "clustering_protocol": self.describe_protocol()}
         if self.files.summary:
-            _makedirs_for(self.files.summary)
-            atomic.write_json(self.files.summary, summary)
+            with atomic.guarded("the evaluation summary", self.files.summary):
+                _makedirs_for(self.files.summary)
+                atomic.write_json(self.files.summary, summary)
         if self.verbose:
             print(f"evaluation: best by {self.monitor} at step {self.best['step']}, last at step {self.last['step']}")
             print(metrics.format_results({"best": self.best_metrics, "last": self.last_metrics},
@@ -283,7 +284,8 @@ class EvaluationCallback(keras.callbacks.Callback):
         # Rewritten whole and atomically (not appended): a process killed while writing leaves the previous rows.
         from hdml_tf.rundir import read_csv_rows, rows_to_csv
         rows = (read_csv_rows(self.files.csv) if exists else []) + [row]
-        atomic.write_text(self.files.csv, rows_to_csv(rows, header))
+        with atomic.guarded("the evaluation table", self.files.csv):
+            atomic.write_text(self.files.csv, rows_to_csv(rows, header))
 
     def _write_tensorboard(self, results: Dict[str, float], step: Optional[int] = None):
         if self._writer is None:
