@@ -498,6 +498,7 @@ def _train_and_score(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, varia
         claim.finished(name, piece)
         _merge(results, piece)
     results["clustering_protocol"] = clustering_protocol(test.num_classes, n_init=run.kmeans_restarts)
+    record_skipped_images(results["record"], {"train": train, "test": test, "validation": val})
     results["record"]["wall_seconds_this_start"] = round(time.time() - started, 1)
     results["record"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     out.write_results(results)
@@ -548,18 +549,13 @@ def _load_splits(run: RunConfig):
 
 
 def run_record(run: RunConfig, train: ImageSet, test: ImageSet, val, count_report, claim) -> Dict:
-    """What was run, for results.json: data counts per split and their check, skipped images, library versions,
-    the project's commit, host, the starts of this run."""
-    from hdml_tf.data.images import drop_bad_images
+    """What was run, for results.json: data counts per split and their check, library versions, the project's
+    commit, host, the starts of this run (the skipped images are added by `record_skipped_images`)."""
 
     def split(image_set):
         if image_set is None:
             return None
-        entry = {"images": len(image_set), "classes": int(image_set.num_classes)}
-        if not image_set.in_memory:
-            _, scan = drop_bad_images(image_set, strict=False, verbose=0)  # the pipeline's own scan (remembered)
-            entry["unreadable_skipped"] = [f"{b.path}: {b.reason}" for b in scan.bad]
-        return entry
+        return {"images": len(image_set), "classes": int(image_set.num_classes)}
 
     data = {"dataset": run.dataset, "train": split(train), "test": split(test)}
     if val is not None:
@@ -570,6 +566,18 @@ def run_record(run: RunConfig, train: ImageSet, test: ImageSet, val, count_repor
     return {"data": data, "versions": library_versions(), "commit": project_commit(),
             "determinism": determinism_state(run),
             "host": __import__("socket").gethostname(), "starts": claim.marker.get("starts", [])}
+
+
+def record_skipped_images(record: Dict, splits: Dict[str, ImageSet]) -> None:
+    """Adds each file-based split's unreadable images (skipped by the pipeline) to a run record. Call it after the
+    pipelines ran: their scan is remembered, so nothing is decoded again."""
+    from hdml_tf.data.images import drop_bad_images
+    for role, image_set in splits.items():
+        entry = record["data"].get(role)
+        if image_set is None or entry is None or image_set.in_memory:
+            continue
+        _, scan = drop_bad_images(image_set, strict=False, verbose=0)
+        entry["unreadable_skipped"] = [f"{b.path}: {b.reason}" for b in scan.bad]
 
 
 def library_versions() -> Dict[str, str]:

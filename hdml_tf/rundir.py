@@ -491,7 +491,7 @@ def claim_run(output_dir, identity: Dict, *, checkpoint_dir: Optional[str] = Non
                   "identity": identity, "output_dir": str(out.path.resolve()), "checkpoint_dir":
                   str(Path(checkpoint_dir).resolve()) if checkpoint_dir else None,
                   "created": (previous or {}).get("created", now) if state != "new" else now, "starts": starts,
-                  "finished": (previous or {}).get("finished", {}) if state == "resume" else {}}
+                  "finished": (previous or {}).get("finished", {}) if state in ("resume", "restart") else {}}
         claim = RunClaim(out, identity, state, marker, locks, previous, checkpoint_dir)
         claim.update()
         if checkpoint_dir:
@@ -543,8 +543,10 @@ def _decide(out: RunDir, identity: Dict, checkpoint_dir: Optional[str], overwrit
         return "complete", marker
     if checkpoints:
         return "resume", marker
+    finished = marker.get("finished", {})
     for variant in VARIANTS:  # an interrupted start without checkpoints: its partial files would mislead
-        _remove(out.training_files(variant))
+        if variant not in finished:
+            _remove(out.training_files(variant))
     return "restart", marker
 
 

@@ -312,6 +312,32 @@ def test_ctrl_c_then_kill_9_then_resume_is_one_run_equal_to_an_uninterrupted_one
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["test"]["hdml"] == json.loads((tmp_path / "ref" / "results.json").read_text())["test"]["hdml"]
     assert [s.get("pid") for s in results["record"]["starts"]].count(None) == 0 and len(results["record"]["starts"]) == 3
+    # --deterministic ran on TensorFlow's Eigen kernels: with oneDNN two processes could differ (README).
+    assert results["record"]["determinism"]["deterministic"] is True
+    assert results["record"]["determinism"]["onednn"] is False
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--deterministic"], "0"), (["--flagfile=FLAGFILE"], "0"), (["--flagfile=FLAGFILE", "--nodeterministic"], None),
+    (["--steps=3"], None)])
+def test_deterministic_tools_turn_onednn_off_before_tensorflow_starts(argv, expected, tmp_path):
+    """The tools decide before TensorFlow is imported (it reads TF_ENABLE_ONEDNN_OPTS once, at import), from the
+    command line and the flagfiles it names; TensorFlow then reports oneDNN off."""
+    flagfile = tmp_path / "run.cfg"
+    flagfile.write_text("# a flagfile\n--steps=3\n--deterministic\n")
+    argv = [a.replace("FLAGFILE", str(flagfile)) for a in argv]
+    code = ("import os, sys; sys.path.insert(0, 'tools'); sys.argv = ['train.py'] + sys.argv[1:]\n"
+            "import common_flags\n"
+            "from tensorflow.python.util import _pywrap_util_port\n"
+            "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), _pywrap_util_port.IsMklEnabled())")
+    env = {k: v for k, v in _env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                            cwd=HERE.parent, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    setting, enabled = result.stdout.split()
+    assert setting == str(expected)
+    if expected == "0":
+        assert enabled == "False"
 
 
 def test_ctrl_c_without_a_checkpoint_dir_says_nothing_was_saved(tmp_path):
@@ -373,3 +399,32 @@ def test_a_resumed_evaluation_callback_continues_its_csv_tensorboard_and_best(tm
         assert [r["step"] for r in rundir.read_csv_rows(tmp_path / "eval.csv")] == [2, 4]
         assert rundir.csv_columns(tmp_path / "eval.csv") == columns  # the callback appends with its own header
         assert sorted(s for s, _ in _events(tmp_path / "tb")["val_recall@1"]) == [2, 4]
+
+
+def test_results_list_the_skipped_images_of_a_folder_data_set(tmp_path, monkeypatch):
+    """A user's folder with an unreadable file: the run trains on the rest and results.json says which file was
+    skipped and why, with the counts of every split."""
+    from PIL import Image
+
+    import hdml_tf.backbones
+    from conftest import tiny_backbone
+    from hdml_tf.config import HDMLConfig, OptimConfig, RunConfig
+    from hdml_tf.experiment import run_experiment
+    rng = np.random.default_rng(0)
+    for c in range(8):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / f"c{c}" / f"{i}.png")
+    broken = tmp_path / "data" / "c0" / "broken.jpg"  # in whichever split c0 falls
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    monkeypatch.setattr(hdml_tf.backbones, "build_backbone", lambda name, size, **kw: tiny_backbone(image_size=size))
+    run = RunConfig(dataset="folder", data_dir=str(tmp_path / "data"), image_size=32, batch_size=4, steps=2,
+                    steps_per_epoch=2, kmeans_restarts=1, verbose=0, output_dir=str(tmp_path / "out"))
+    results = run_experiment(run, HDMLConfig(embedding_size=8), OptimConfig(), printer=lambda *a: None)
+    data = json.loads((tmp_path / "out" / "results.json").read_text())["record"]["data"]
+    assert data == results["record"]["data"]
+    assert data["train"]["classes"] + data["test"]["classes"] == 8
+    assert data["train"]["images"] + data["test"]["images"] == 33  # the broken file is listed in its split
+    skipped = data["train"]["unreadable_skipped"] + data["test"]["unreadable_skipped"]
+    assert len(skipped) == 1 and skipped[0].startswith(f"{broken}: "), skipped
