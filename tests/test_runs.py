@@ -63,33 +63,36 @@ def _history(path):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """One finished run, started as the README says for resumable runs: --checkpoint_dir, no --output_dir (so the
-    run gets its own directory, runs/digits_npair_hdml/version_1 under the working directory)."""
+    """One finished run, started as the README says for resumable runs (--output_dir and --checkpoint_dir)."""
     cwd = tmp_path_factory.mktemp("work").resolve()
-    flags = TINY + ["--checkpoint_dir=ck", "--checkpoint_every=2"]
+    flags = TINY + ["--output_dir=run", "--checkpoint_dir=ck", "--checkpoint_every=2"]
     result = _train(*flags, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = cwd / "runs" / "digits_npair_hdml" / "version_1"
+    out = cwd / "run"
     assert (out / "results.json").is_file(), sorted(p.name for p in cwd.rglob("*"))
     return cwd, flags, out
 
 
 # ------------------------------------------------------------------------------------------- row 1: run it again
 def test_the_same_command_after_the_run_finished_reports_it_and_changes_no_file(finished):
+    """It used to say "nothing left to train", overwrite the finished history with a 7-byte file, then fail with a
+    ValueError traceback."""
     cwd, flags, out = finished
     before, checkpoints = _files(out), _files(cwd / "ck")
     history = _history(out / "history_hdml.csv")
     assert [(r["epoch"], r["step"]) for r in history] == [(1, 2), (2, 4)]
-    again = _train(*flags, cwd=cwd)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "Traceback" not in again.stderr
-    assert f"run complete: {out} holds this run" in again.stdout  # found through the checkpoint directory
     stored = json.loads((out / "results.json").read_text())["test"]["hdml"]
-    row = [ln for ln in again.stdout.splitlines() if ln.startswith("hdml ")]
-    assert len(row) == 1 and f"{100 * stored['nmi']:.1f}" in row[0] and f"{100 * stored['recall@1']:.1f}" in row[0]
-    assert "DRIVER_STEP" not in again.stdout  # nothing trained
-    assert _files(out) == before and _files(cwd / "ck") == checkpoints  # not a byte, not a time stamp changed
-    assert not (cwd / "runs" / "digits_npair_hdml" / "version_2").exists()  # and no new run was started
+    for again in (_train(*flags, cwd=cwd),  # the same command
+                  _train(*[f for f in flags if not f.startswith("--output_dir")], cwd=cwd)):  # its run found by ck
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "Traceback" not in again.stderr
+        complete = [ln for ln in again.stdout.splitlines() if ln.startswith("run complete: ")]
+        assert len(complete) == 1 and Path(complete[0].split(": ", 1)[1].split(" holds this run")[0]).resolve() == out
+        row = [ln for ln in again.stdout.splitlines() if ln.startswith("hdml ")]  # the stored results, printed
+        assert len(row) == 1 and f"{100 * stored['nmi']:.1f}" in row[0] and f"{100 * stored['recall@1']:.1f}" in row[0]
+        assert "DRIVER_STEP" not in again.stdout  # nothing trained
+        assert _files(out) == before and _files(cwd / "ck") == checkpoints  # not a byte, not a time stamp changed
+    assert not (cwd / "runs").exists()  # and no new run directory was started
 
 
 # ------------------------------------------------------------------------------------------- row 4: occupied
@@ -366,7 +369,7 @@ def test_results_record_what_was_run(finished):
     assert training["steps"] == training["final_step"] == 4 and training["skipped_steps"] == 0
     assert record["wall_seconds_this_start"] > 0 and len(record["starts"]) == 1
     assert results["run"]["steps"] == 4 and results["method"]["embedding_size"] == 8  # the full configuration
-    assert results["output_dir"] == str(Path("runs/digits_npair_hdml/version_1"))
+    assert results["output_dir"] == "run"
 
 
 def test_a_resumed_evaluation_callback_continues_its_csv_tensorboard_and_best(tmp_path):
