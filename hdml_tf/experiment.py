@@ -10,12 +10,13 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from hdml_tf import run_record
 from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig, RunConfig
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.evaluation.metrics import OFFICIAL_KMEANS_RESTARTS, clustering_protocol, format_results
@@ -273,31 +274,17 @@ def enable_determinism(seed: int) -> None:
     _warn_if_onednn()
 
 
-def onednn_enabled() -> bool:
-    """Whether TensorFlow runs its oneDNN CPU kernels (decided when TensorFlow was imported)."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-        return bool(_pywrap_util_port.IsMklEnabled())
-    except (ImportError, AttributeError):  # pragma: no cover - another TensorFlow build
-        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") not in ("0", "false", "False")
-
-
 _ONEDNN_WARNED = []
 
 
 def _warn_if_onednn() -> None:
+    from hdml_tf.run_record import onednn_enabled
     if onednn_enabled() and not tf.config.list_physical_devices("GPU") and not _ONEDNN_WARNED:
         _ONEDNN_WARNED.append(True)
         log.warning("deterministic run with TensorFlow's oneDNN CPU kernels on: two processes can differ in the last "
                     "bits of a gradient (measured: README 'Runs, resuming, and what is never lost'); set "
                     "TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported (tools/train.py does it for "
                     "--deterministic)")
-
-
-def determinism_state(run: RunConfig) -> Dict:
-    """What results.json records about determinism: the flag, op determinism, and the CPU kernels."""
-    return {"deterministic": bool(run.deterministic), "onednn": onednn_enabled(),
-            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
 
 
 def check_num_classes(model, train: ImageSet) -> None:
@@ -461,7 +448,7 @@ def _train_and_score(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, varia
     done = claim.variant_results
     results = {"run": dataclasses.asdict(run), "method": dataclasses.asdict(hdml),
                "optim": dataclasses.asdict(optim), "output_dir": str(out.path), "test": {}}
-    results["record"] = run_record(run, train, test, val, count_report, claim)
+    results["record"] = run_record.run_record(run, train, test, val, count_report, claim.marker.get("starts", []))
     if "raw_pixels" not in done:
         done["raw_pixels"] = {"test": {"raw_pixels": evaluate_raw_pixels(test_ds, ks, run.kmeans_restarts)}}
         claim.finished("raw_pixels", done["raw_pixels"])
@@ -498,7 +485,7 @@ def _train_and_score(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, varia
         claim.finished(name, piece)
         _merge(results, piece)
     results["clustering_protocol"] = clustering_protocol(test.num_classes, n_init=run.kmeans_restarts)
-    record_skipped_images(results["record"], {"train": train, "test": test, "validation": val})
+    run_record.record_skipped_images(results["record"], {"train": train, "test": test, "validation": val})
     results["record"]["wall_seconds_this_start"] = round(time.time() - started, 1)
     results["record"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     out.write_results(results)
@@ -546,69 +533,6 @@ def _load_splits(run: RunConfig):
     if report is not None:
         (log.warning if report.partial else log.info)(report.summary())
     return splits[0], splits[1], report
-
-
-def run_record(run: RunConfig, train: ImageSet, test: ImageSet, val, count_report, claim) -> Dict:
-    """What was run, for results.json: data counts per split and their check, library versions, the project's
-    commit, host, the starts of this run (the skipped images are added by `record_skipped_images`)."""
-
-    def split(image_set):
-        if image_set is None:
-            return None
-        return {"images": len(image_set), "classes": int(image_set.num_classes)}
-
-    data = {"dataset": run.dataset, "train": split(train), "test": split(test)}
-    if val is not None:
-        data["validation"] = split(val)
-    if count_report is not None:
-        data["partial_copy"] = bool(count_report.partial)
-        data["count_check"] = count_report.summary()
-    return {"data": data, "versions": library_versions(), "commit": project_commit(),
-            "determinism": determinism_state(run),
-            "host": __import__("socket").gethostname(), "starts": claim.marker.get("starts", [])}
-
-
-def record_skipped_images(record: Dict, splits: Dict[str, ImageSet]) -> None:
-    """Adds each file-based split's unreadable images (skipped by the pipeline) to a run record. Call it after the
-    pipelines ran: their scan is remembered, so nothing is decoded again."""
-    from hdml_tf.data.images import drop_bad_images
-    for role, image_set in splits.items():
-        entry = record["data"].get(role)
-        if image_set is None or entry is None or image_set.in_memory:
-            continue
-        _, scan = drop_bad_images(image_set, strict=False, verbose=0)
-        entry["unreadable_skipped"] = [f"{b.path}: {b.reason}" for b in scan.bad]
-
-
-def library_versions() -> Dict[str, str]:
-    """Versions of Python and of the libraries a result depends on."""
-    import platform
-
-    from hdml_tf import __version__
-    versions = {"python": platform.python_version(), "hdml_tf": __version__, "tensorflow": tf.__version__,
-                "keras": keras.__version__}
-    for name, module in (("numpy", "numpy"), ("scikit-learn", "sklearn"), ("scipy", "scipy"), ("h5py", "h5py")):
-        try:
-            versions[name] = __import__(module).__version__
-        except ImportError:  # pragma: no cover
-            versions[name] = None
-    return versions
-
-
-def project_commit() -> Optional[Dict]:
-    """{"commit", "dirty"} of the git checkout hdml_tf runs from, or None (an installed copy, no git)."""
-    import subprocess
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        if commit.returncode != 0:
-            return None
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def check_disk_space(model, run: RunConfig, out: RunDir) -> None:
