@@ -9,7 +9,10 @@ one was:
 - every variable of the optimizers (`model.optimizer`, and for HDML `model.generator_optimizer` and
   `model.classifier_optimizer`): Adam moments and `iterations`, which the learning-rate schedule reads;
 - the global step, i.e. the number of batches consumed, which is the sampler's position (`make_train_dataset(...,
-  start_step=step)` yields batch `step` next, a pure function of (seed, step)).
+  start_step=step)` yields batch `step` next, a pure function of (seed, step));
+- the running means of the current epoch's logged quantities (`model.metrics_variables`, group "metrics"), so a
+  run resumed mid-epoch reports that epoch as the uninterrupted run does (`restored_metrics`; optional when
+  reading: checkpoints written before it existed restore everything else).
 
 On disk, `DIR/ckpt-<step>.npz` (NumPy zip; every array carries a CRC-32 that is checked when it is read) and the
 manifest `DIR/checkpoint.json` listing the kept checkpoints with their SHA-256. Writing is crash-safe:
@@ -70,6 +73,10 @@ class CheckpointInfo:
     size: Optional[int] = None
 
 
+#: Checkpoint groups that a checkpoint may lack (older files): restored when present, never required.
+OPTIONAL_GROUPS = ("metrics",)
+
+
 def checkpoint_groups(model) -> Dict[str, list]:
     """Named lists of the variables a checkpoint holds: "model" and each optimizer the model has."""
     groups = {"model": list(model.variables)}
@@ -78,6 +85,10 @@ def checkpoint_groups(model) -> Dict[str, list]:
         if opt is not None:
             groups[attr] = list(opt.variables)
     return groups
+
+
+def _metric_variables(model) -> list:
+    return list(getattr(model, "metrics_variables", []) or [])
 
 
 def _sha256(path: Path) -> str:
@@ -131,6 +142,8 @@ class CheckpointManager:
     def __init__(self, directory, keep: int = 3):
         if keep < 1:
             raise CheckpointError(f"keep_checkpoints={keep} must be >= 1")
+        #: The epoch means (`model.metrics_variables`) the last `restore` read, or None (see ContinueEpochMeans).
+        self.restored_metrics: Optional[List[np.ndarray]] = None
         self.directory = Path(directory)
         self.keep = int(keep)
         try:
@@ -263,6 +276,9 @@ class CheckpointManager:
             try:
                 arrays, meta = _read(info)
                 _assign(groups, arrays, meta, info)
+                saved = meta["groups"].get("metrics")
+                self.restored_metrics = ([arrays[f"metrics.{i:04d}"] for i in range(len(saved))]
+                                         if saved is not None else None)
             except CheckpointError:
                 raise
             except _UNREADABLE as e:
@@ -283,7 +299,10 @@ def _collect(model, step: int) -> Dict[str, np.ndarray]:
     """The arrays of a checkpoint: one entry per variable ("<group>.<index>") and "__meta__" (JSON)."""
     arrays, meta = {}, {"format": FORMAT, "step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                         "groups": {}}
-    for group, variables in checkpoint_groups(model).items():
+    groups = checkpoint_groups(model)
+    if _metric_variables(model):
+        groups["metrics"] = _metric_variables(model)
+    for group, variables in groups.items():
         meta["groups"][group] = [[v.path, list(v.shape)] for v in variables]
         for i, v in enumerate(variables):
             arrays[f"{group}.{i:04d}"] = np.asarray(v.numpy())
@@ -309,7 +328,7 @@ def _read(info: CheckpointInfo) -> Tuple[Dict[str, np.ndarray], dict]:
 
 def _assign(groups: Dict[str, list], arrays: Dict[str, np.ndarray], meta: dict, info: CheckpointInfo) -> None:
     """Checks that the checkpoint has exactly this model's variables (count and shapes), then assigns them all."""
-    saved_groups = meta["groups"]
+    saved_groups = {k: v for k, v in meta["groups"].items() if k not in OPTIONAL_GROUPS}
     where = f"checkpoint {info.path}"
     if set(saved_groups) != set(groups):
         raise CheckpointError(f"{where} holds {', '.join(sorted(saved_groups))} but this model has "

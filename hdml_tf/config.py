@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 from hdml_tf.errors import ConfigError
@@ -161,7 +162,15 @@ class RunConfig:
                                       "random_state 1 is the official protocol, fewer trade a biased-low, noisier "
                                       "NMI/F1 for time (SOP's 11,316 clusters).")
     seed: int = option(0, "Seeds sampling, augmentation and initialization.")
-    output_dir: str = option("runs/default", "Where results, histories, plots and weights go.")
+    output_dir: str = option("", "Where results, histories, plots and weights go; empty: runs/<run_name>, or a new "
+                                 "runs/<dataset>_<loss>_<method>/version_<N> per run (with --checkpoint_dir, the "
+                                 "directory of the run those checkpoints belong to). A directory holding another run "
+                                 "is refused unless --overwrite.")
+    run_name: Optional[str] = option(None, "Name of the run: its default output directory is runs/<run_name>, so "
+                                           "the same command finds the same run again.")
+    overwrite: bool = option(False, "Replace another run's files in --output_dir (and its checkpoints in "
+                                    "--checkpoint_dir), or train a complete run again, instead of refusing / "
+                                    "reporting it. Only the run's own files are removed.")
     verbose: int = option(1, "0: no progress lines; 1: progress lines (into a file: a line per epoch and per "
                              "minute); 2: also TensorFlow's own log lines (C++ start-up, devices).")
     # Fault tolerance
@@ -199,6 +208,9 @@ class RunConfig:
         if self.weights and self.weights != "imagenet" and not os.path.exists(self.weights) and not (
                 os.path.exists(self.weights + ".index")):
             raise ConfigError(f"weights={self.weights} does not exist")
+        if self.run_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
+            raise ConfigError(f"run_name={self.run_name!r} must be a plain name (letters, digits, '.', '_', '-'), "
+                              "not a path; use --output_dir for a path")
         for name in ("steps", "steps_per_epoch", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")

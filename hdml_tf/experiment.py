@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from hdml_tf import run_record
 from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig, RunConfig
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.evaluation.metrics import OFFICIAL_KMEANS_RESTARTS, clustering_protocol, format_results
@@ -25,11 +28,9 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ data
 def load_splits(run: RunConfig) -> Tuple[ImageSet, ImageSet]:
-    """(train, test) ImageSets of the zero-shot split (test classes unseen in training). A photo set's reader logs
-    its count check against the official numbers once (a warning for a partial copy, `hdml_tf.data.readers`)."""
-    from hdml_tf.data import datasets
-    splits = datasets.get(run.dataset).load(run.data_dir, image_size=run.augment().resize, seed=run.seed)
-    return splits[0], splits[1]
+    """(train, test) ImageSets of the zero-shot split (test classes unseen in training); a photo set's count check
+    against the official numbers is logged (a warning for a partial copy)."""
+    return _load_splits(run)[:2]
 
 
 def train_dataset(run: RunConfig, hdml: HDMLConfig, train: ImageSet, start_step: int = 0) -> tf.data.Dataset:
@@ -181,46 +182,41 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
     """`model.fit` up to global step `run.steps`, in epochs of `run.steps_per_epoch`; resumable.
 
     With `run.checkpoint_dir`, the newest readable checkpoint of this variant is restored first (model, the three
-    optimizers, J_avg / J_gen, step counter) and training goes on from its step: the sampler continues at that
-    batch (`start_step`) and the learning-rate schedule at the restored `optimizer.iterations`. Checkpoints are
-    written every `run.checkpoint_every` steps, at the end and on SIGTERM. After a mid-epoch resume Keras counts
-    epochs from the resume point; the global step, and so the weights, are those of an uninterrupted run.
+    optimizers, J_avg / J_gen, step counter, the epoch's running means) and training goes on from its step: the
+    sampler continues at that batch (`start_step`), the learning-rate schedule at the restored
+    `optimizer.iterations`, and Keras' epoch counter at the epoch of that step (`initial_epoch`), so epochs are
+    numbered as in an uninterrupted run. Every callback with a `resume_at(step)` method (EvaluationCallback,
+    EpochLog) is told the step first. Checkpoints are written every `run.checkpoint_every` steps, at the end, and on
+    SIGTERM or SIGINT (Ctrl-C); without a checkpoint directory those signals still stop training cleanly.
 
     Raises:
-      TrainingInterrupted: SIGTERM stopped training (after saving a checkpoint); run again to resume.
+      TrainingInterrupted: SIGTERM / SIGINT stopped training (after saving a checkpoint, when there is a
+        checkpoint directory); run again to resume.
       TrainingDiverged: `run.max_bad_steps` consecutive steps had NaN/Inf losses or gradients.
       CheckpointError: checkpoint_dir holds checkpoints, none readable or of another model.
       ConfigError: the model's classifier has fewer outputs than the training split has classes.
     """
-    from hdml_tf.callbacks import SaveOnSignal, TrainingInterrupted
-    from hdml_tf.training_progress import TrainingProgress
+    from hdml_tf.callbacks import ContinueEpochMeans, SaveOnSignal, TrainingInterrupted
     check_num_classes(model, train)
     if run.deterministic:
         tf.config.experimental.enable_op_determinism()
+        _warn_if_onednn()
     manager = checkpoint_manager(run, hdml)
     if manager is not None:
         restored = manager.restore(model)
         initial_step = initial_step if restored is None else restored
+    for cb in callbacks:
+        if callable(getattr(cb, "resume_at", None)):
+            cb.resume_at(initial_step)  # a resumed run counts steps (and continues its files) globally
     if initial_step >= run.steps:
         log.info("training already reached step %d of %d (checkpoint in %s); nothing left to train", initial_step,
                  run.steps, manager.directory if manager else "-")
         return keras.callbacks.History()
     safety = fault_tolerance_callbacks(run, manager, initial_step)
-    from hdml_tf.evaluation.callback import EvaluationCallback
-    for cb in callbacks:
-        if isinstance(cb, EvaluationCallback) and cb.step < initial_step:
-            cb.resume_at(initial_step)  # a resumed run counts evaluation steps globally
-    epochs = -(-run.steps // run.steps_per_epoch)
-    ds = distributed_train_dataset(model, run, hdml, train, start_step=initial_step)
-    # Our own progress line (a few quantities, the whole run's time left), first so that its epoch line comes
-    # before what the evaluation callback prints; Keras' bar would print all logged quantities.
-    shown = [TrainingProgress(run.steps, initial_step, run.steps_per_epoch, "hdml" if hdml.hdml else "baseline")
-             ] if run.verbose else []
+    if manager is not None and manager.restored_metrics is not None and initial_step % run.steps_per_epoch:
+        safety.append(ContinueEpochMeans(manager.restored_metrics))  # resumed mid-epoch
     try:
-        # shuffle=False: the sampler orders the batches (a tf.data dataset is never shuffled by fit anyway).
-        history = model.fit(ds, epochs=epochs, steps_per_epoch=min(run.steps_per_epoch, run.steps),
-                            initial_epoch=initial_step // run.steps_per_epoch,
-                            callbacks=shown + safety + list(callbacks), verbose=0, shuffle=False)
+        history = _fit_global_epochs(model, run, hdml, train, safety + list(callbacks), initial_step)
     finally:
         for cb in safety:
             if isinstance(cb, SaveOnSignal):
@@ -231,10 +227,83 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
     return history
 
 
+class _OneTraining(keras.callbacks.CallbackList):
+    """The callbacks of two `model.fit` calls that make one training: the train begin of the first and the train
+    end of the last reach the callbacks, nothing in between (see `_fit_global_epochs`)."""
+
+    begun = ended = False
+    last = True
+
+    def on_train_begin(self, logs=None):
+        if not self.begun:
+            self.begun = True
+            super().on_train_begin(logs)
+
+    def on_train_end(self, logs=None):
+        if self.last and not self.ended:
+            self.ended = True
+            super().on_train_end(logs)
+
+
+def _fit_global_epochs(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks,
+                       initial_step: int) -> keras.callbacks.History:
+    """`model.fit` from global step `initial_step` to `run.steps` with epochs on the global grid.
+
+    Keras counts an epoch's steps from where `fit` starts, so a run resumed mid-epoch would shift every later epoch
+    end (history rows, evaluations every k epochs) against an uninterrupted run. A mid-epoch resume therefore first
+    finishes its epoch in a `fit` of the remaining steps, then trains whole epochs in a second `fit`; the callbacks
+    see one training (`_OneTraining`), and each `fit` reads the sampler from its own first step.
+    """
+    spe = min(run.steps_per_epoch, run.steps)
+    epochs = -(-run.steps // spe)
+    first, into = divmod(initial_step, spe)
+    phases = ([(first, first + 1, spe - into, initial_step)] if into else []) + [
+        (first + (1 if into else 0), epochs, spe, (first + (1 if into else 0)) * spe)]
+    phases = [p for p in phases if p[0] < p[1]]
+    from hdml_tf.training_progress import TrainingProgress
+    # Our own progress line (a few quantities, the whole run's time left), first so that its epoch line comes
+    # before what the evaluation callback prints; Keras' bar would print all logged quantities.
+    shown = [TrainingProgress(run.steps, initial_step, spe, "hdml" if hdml.hdml else "baseline")
+             ] if run.verbose else []
+    listed = _OneTraining(shown + list(callbacks), add_history=True, add_progbar=False, verbose=0,
+                          epochs=epochs, steps=spe, model=model)
+    for i, (start_epoch, end_epoch, steps, start_step) in enumerate(phases):
+        listed.last = i == len(phases) - 1
+        listed.set_params({"verbose": 0, "epochs": epochs, "steps": steps})
+        ds = distributed_train_dataset(model, run, hdml, train, start_step=start_step)
+        # shuffle=False: the sampler orders the batches (a tf.data dataset is never shuffled by fit anyway).
+        model.fit(ds, epochs=end_epoch, steps_per_epoch=steps, initial_epoch=start_epoch, callbacks=listed,
+                  verbose=0, shuffle=False)
+        if model.stop_training:
+            break
+    if not listed.ended:  # stopped in an earlier phase: end the training for the callbacks
+        listed.last = True
+        listed.on_train_end()
+    return model.history
+
+
 def enable_determinism(seed: int) -> None:
-    """Seeds Python, NumPy, TensorFlow and Keras, and makes TensorFlow ops deterministic (global, irreversible)."""
+    """Seeds Python, NumPy, TensorFlow and Keras, and makes TensorFlow ops deterministic (global, irreversible).
+
+    Bit-identical runs on a CPU also need TensorFlow's oneDNN kernels off (TF_ENABLE_ONEDNN_OPTS=0 before
+    TensorFlow is imported; the tools do it for --deterministic): `onednn_enabled` tells, and a warning says so.
+    """
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    _warn_if_onednn()
+
+
+_ONEDNN_WARNED = []
+
+
+def _warn_if_onednn() -> None:
+    from hdml_tf.run_record import onednn_enabled
+    if onednn_enabled() and not tf.config.list_physical_devices("GPU") and not _ONEDNN_WARNED:
+        _ONEDNN_WARNED.append(True)
+        log.warning("deterministic run with TensorFlow's oneDNN CPU kernels on: two processes can differ in the last "
+                    "bits of a gradient (measured: README 'Runs, resuming, and what is never lost'); set "
+                    "TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported (tools/train.py does it for "
+                    "--deterministic)")
 
 
 def check_num_classes(model, train: ImageSet) -> None:
@@ -257,41 +326,131 @@ def checkpoint_manager(run: RunConfig, hdml: HDMLConfig):
 
 
 def fault_tolerance_callbacks(run: RunConfig, manager, initial_step: int) -> List[keras.callbacks.Callback]:
-    """Step limit, NaN guard, and with a checkpoint manager periodic checkpoints and save-on-SIGTERM (in this order:
-    the guard raises before a checkpoint of a diverged step could be written)."""
+    """Step limit, NaN guard, periodic checkpoints (with a checkpoint manager) and a clean stop on SIGTERM / SIGINT
+    (which saves a checkpoint when there is a manager), in this order: the guard raises before a checkpoint of a
+    diverged step could be written."""
     from hdml_tf.callbacks import NonFiniteGuard, PeriodicCheckpoint, SaveOnSignal, StopAtStep
     found = [StopAtStep(run.steps, initial_step), NonFiniteGuard(run.max_bad_steps, initial_step, manager)]
+    checkpoint = None
     if manager is not None:
         checkpoint = PeriodicCheckpoint(manager, run.checkpoint_every, initial_step)
-        found += [checkpoint, SaveOnSignal(checkpoint, initial_step=initial_step)]
+        found.append(checkpoint)
+    found.append(SaveOnSignal(checkpoint, initial_step=initial_step, total_steps=run.steps))
     return found
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def variants_of(hdml: HDMLConfig, compare_baseline: bool = False) -> List[Tuple[str, HDMLConfig]]:
+    """[(name, HDMLConfig)] a run trains: "hdml" or "baseline", plus "baseline" with `compare_baseline`."""
+    found = [("hdml" if hdml.hdml else "baseline", hdml)]
+    if compare_baseline and hdml.hdml:
+        found.append(("baseline", dataclasses.replace(hdml, hdml=False)))
+    return found
+
+
+def resolve_output_dir(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, compare_baseline: bool = False,
+                       strategy=None) -> RunConfig:
+    """`run` with its output directory decided (`run.output_dir` when given).
+
+    Without one: the directory the run's checkpoint directory records for this same run (so the same command
+    continues its run), else runs/<run_name>, else a new runs/<dataset>_<loss>_<method>/version_<N>.
+    """
+    from hdml_tf import distribute, rundir
+    if run.output_dir:
+        return run
+    if strategy is not None and distribute.num_workers(strategy) > 1:
+        raise ConfigError("--strategy=multi_worker needs an explicit --output_dir (every worker must name the same "
+                          "directory)")
+    names = [name for name, _ in variants_of(hdml, compare_baseline)]
+    identity = rundir.run_identity(dataclasses.asdict(run), dataclasses.asdict(hdml), dataclasses.asdict(optim),
+                                   names)
+    found = rundir.recorded_output_dir(run.checkpoint_dir, identity)
+    if found is None:
+        found = rundir.default_output_dir(run.dataset, hdml.loss, names, run.run_name)
+    return dataclasses.replace(run, output_dir=str(found))
 
 
 def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, compare_baseline: bool = False,
                    callbacks: Sequence = (), printer=print) -> Dict:
     """Trains HDML (and the plain baseline when asked) and scores raw pixels, the untrained and the trained network.
 
-    Writes into run.output_dir (`hdml_tf.rundir.RunDir`): results.json, history_<variant>.csv, curves_<variant>.png,
-    <variant>.weights.h5 and <variant>.keras (the last weights; `hdml_tf.rundir.load_keras`, tools/export.py and
-    tools/evaluate.py read it).
+    The run owns its output directory (`hdml_tf.rundir.claim_run`, README "Runs, resuming, and what is never
+    lost"): before any work the directory (and the checkpoint directory) is created, test-written and locked; a
+    directory of another run is refused unless `run.overwrite`; the same run continues where it stopped (finished
+    evaluations and variants are not redone; training resumes from its checkpoints); a complete run is reported
+    from its stored results and no file is changed. Without `run.output_dir` a new directory per run is used
+    (`resolve_output_dir`).
+
+    Writes into the output directory (`hdml_tf.rundir.RunDir`): run.json, results.json, history_<variant>.csv (one
+    row per epoch, as it goes), curves_<variant>.png, <variant>.weights.h5 and <variant>.keras (the last weights;
+    `hdml_tf.rundir.load_keras`, tools/export.py and tools/evaluate.py read it), TensorBoard scalars of every
+    training loss and diagnostic under logs/<variant>/train.
     With `run.eval_every_epochs` > 0 also eval_<variant>.csv (one row per evaluation), eval_<variant>.json (best
-    and last), <variant>.best.weights.h5 (best by `run.monitor`) and TensorBoard scalars under logs/<variant>;
-    results["test"] then holds the last checkpoint as "<variant>" and the selected one as
+    and last), <variant>.best.weights.h5 (best by `run.monitor`) and the val_* TensorBoard scalars under
+    logs/<variant>; results["test"] then holds the last checkpoint as "<variant>" and the selected one as
     "<variant> (best val_<monitor> at step N)", and results["selection"][<variant>] says how it was selected.
-    Returns the results dict (also in results.json).
+    Returns the results dict (also in results.json; results["output_dir"] is the directory).
+
+    Raises:
+      HDMLError: bad input or an unusable directory (before any work), a failed write (one line; what was saved
+        is named), TrainingInterrupted on SIGTERM / SIGINT.
     """
+    from hdml_tf import atomic, distribute, rundir
     hdml.layout().check_batch_size(run.batch_size)
-    from hdml_tf import distribute
     strategy = distribution_strategy(run)  # first: MultiWorkerMirroredStrategy must precede other TF ops
     distribute.check_global_batch(strategy, run.batch_size, hdml.loss)
+    variants = variants_of(hdml, compare_baseline)
+    run = resolve_output_dir(run, hdml, optim, compare_baseline, strategy)
     run = _per_worker_output(run, strategy)
+    identity = rundir.run_identity(dataclasses.asdict(run), dataclasses.asdict(hdml), dataclasses.asdict(optim),
+                                   [name for name, _ in variants])
+    with rundir.claim_run(run.output_dir, identity, checkpoint_dir=run.checkpoint_dir,
+                          overwrite=run.overwrite) as claim:
+        if claim.state == "complete":
+            return _report_complete(claim, printer)
+        if run.cache and run.cache != "memory":
+            atomic.check_writable_dir(run.cache, "--cache")
+        if claim.state == "restart":
+            log.warning("%s holds an interrupted start of this run without checkpoints: training starts again from "
+                        "step 0 (pass --checkpoint_dir to be able to resume)", claim.out.path)
+        results = _train_and_score(run, hdml, optim, variants, claim, callbacks, printer)
+        claim.complete()
+    return results
+
+
+def _report_complete(claim, printer) -> Dict:
+    """A complete run asked again: says so and prints its stored results; changes no file."""
+    out = claim.out
+    results = out.read_results()
+    ended = claim.marker.get("ended") or "?"
+    printer(f"run complete: {out.path} holds this run, finished {ended}; nothing was changed. Its results "
+            f"({out.results.name}):")
+    if results.get("test"):
+        printer(format_results(_table_rows(results), protocol=results.get("clustering_protocol")))
+    printer(f"(to train it again pass --overwrite; to score it again: tools/evaluate.py --model={out.path} "
+            f"--output_json=NEW.json)")
+    return results
+
+
+def _table_rows(results: Dict) -> Dict:
+    rows = dict(results["test"])
+    for name in results.get("selection", {}):  # the last checkpoint is named as such
+        rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
+    return rows
+
+
+def _train_and_score(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, variants, claim, callbacks,
+                     printer) -> Dict:
+    from hdml_tf import distribute
+    from hdml_tf.callbacks import EpochLog
+    out = claim.out
+    started = time.time()
+    strategy = distribution_strategy(run)
     if run.deterministic:
         enable_determinism(run.seed)
-    out = RunDir(run.output_dir)
-    out.path.mkdir(parents=True, exist_ok=True)
-    train, test = load_splits(run)
+    train, test, count_report = _load_splits(run)
     printer(f"data: {run.dataset}: {len(train):,} training images ({train.num_classes:,} classes), "
-            f"{len(test):,} test images ({test.num_classes:,} unseen classes)")
+            f"{len(test):,} test images ({test.num_classes:,} unseen classes); crop {run.crop_size()} px")
     val = None
     if run.validation_fraction > 0:
         from hdml_tf.evaluation.callback import split_validation_classes
@@ -301,49 +460,142 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
             raise ConfigError(f"validation_fraction={run.validation_fraction}: {e}")
         printer(f"model selection on {len(val):,} validation images of {val.num_classes} training classes held "
                 f"out (training on the other {train.num_classes})")
+    check_splits(run, hdml, train, test, val)
     if run.strategy != "default":  # one device: the tools' device line said which (tools/common_flags.py)
         printer(distribute.describe(strategy, run.batch_size, hdml.loss) + f"; {run.mixed_precision} compute")
     test_ds = eval_dataset(run, test)
     ks = run.ks()
     shown = run.verbose > 0
+    done = claim.variant_results
     results = {"run": dataclasses.asdict(run), "method": dataclasses.asdict(hdml),
-               "optim": dataclasses.asdict(optim), "test": {}}
-    results["test"]["raw_pixels"] = evaluate_raw_pixels(test_ds, ks, run.kmeans_restarts, progress=shown,
-                                                        what="test images")
-    variants = [("hdml" if hdml.hdml else "baseline", hdml)]
-    if compare_baseline and hdml.hdml:
-        variants.append(("baseline", dataclasses.replace(hdml, hdml=False)))
+               "optim": dataclasses.asdict(optim), "output_dir": str(out.path), "test": {}}
+    results["record"] = run_record.run_record(run, train, test, val, count_report, claim.marker.get("starts", []))
+    if "raw_pixels" not in done:
+        done["raw_pixels"] = {"test": {"raw_pixels": evaluate_raw_pixels(test_ds, ks, run.kmeans_restarts,
+                                                                         progress=shown, what="test images")}}
+        claim.finished("raw_pixels", done["raw_pixels"])
+    _merge(results, done["raw_pixels"])
     for name, cfg in variants:
+        if name in done:  # trained, scored and saved by an earlier start
+            printer(f"{name}: trained and scored by an earlier start of this run (kept)")
+            _merge(results, done[name])
+            continue
         model = build_model(run, cfg, optim, train.num_classes)
-        if "untrained" not in results["test"]:
-            results["test"]["untrained"] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts,
-                                                          progress=shown, label="untrained network",
-                                                          what="test images")
+        check_disk_space(model, run, out)
+        if "untrained" not in done:
+            done["untrained"] = {"test": {"untrained": evaluate_model(
+                model, test_ds, ks, kmeans_restarts=run.kmeans_restarts, progress=shown, label="untrained network",
+                what="test images")}}
+            claim.finished("untrained", done["untrained"])
+        _merge(results, done["untrained"])
         printer(f"training {name}: {cfg.loss} loss, {run.backbone} at {run.crop_size()} px, batch {run.batch_size}, "
                 f"{run.steps:,} steps")
         selector = _evaluation_callback(run, name, val if val is not None else test, out)
+        epoch_log = EpochLog(out.history(name), out.train_logs(name), run.steps_per_epoch)
         start = time.time()
-        history = fit(model, run, cfg, train, ([selector] if selector else []) + list(callbacks))
+        fit(model, run, cfg, train, ([selector] if selector else []) + [epoch_log] + list(callbacks))
         seconds = time.time() - start
-        results["test"][name] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts,
-                                               progress=shown, label=f"trained {name}", what="test images")
-        results.setdefault("train_seconds", {})[name] = round(seconds, 1)
-        out.write_history(name, history.history)
-        out.plot_curves(name)
         geometry = run.augment()
         out.save_model(model, name, image_size=geometry.crop, resize=geometry.resize, backbone=run.backbone)
+        piece = {"test": {name: evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts,
+                                               progress=shown, label=f"trained {name}", what="test images")},
+                 "training": {name: {"steps": run.steps, "final_step": int(model.optimizer.iterations.numpy()),
+                                     "skipped_steps": int(float(keras.ops.convert_to_numpy(model.skipped))),
+                                     "seconds_this_start": round(seconds, 1),
+                                     "starts": len(claim.marker.get("starts", []))}},
+                 "train_seconds": {name: round(seconds, 1)}}
+        out.plot_curves(name)
         if selector is not None and selector.best is not None:
-            _score_selected(model, run, name, selector, test_ds, ks, results, out)
+            _score_selected(model, run, name, selector, test_ds, ks, piece, out)
+        claim.finished(name, piece)
+        _merge(results, piece)
     results["clustering_protocol"] = clustering_protocol(test.num_classes, n_init=run.kmeans_restarts)
+    run_record.record_skipped_images(results["record"], {"train": train, "test": test, "validation": val})
+    results["record"]["wall_seconds_this_start"] = round(time.time() - started, 1)
+    results["record"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     out.write_results(results)
-    rows = dict(results["test"])
-    for name in results.get("selection", {}):  # the last checkpoint is named as such
-        rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
-    printer(wrap(format_results(rows, protocol=results["clustering_protocol"])))
+    printer(wrap(format_results(_table_rows(results), protocol=results["clustering_protocol"])))
     from hdml_tf.run_summary import summary_lines
     for line in summary_lines(out, [name for name, _ in variants]):
         printer(line)
     return results
+
+
+def check_splits(run: RunConfig, hdml: HDMLConfig, train: ImageSet, test: ImageSet, val=None) -> None:
+    """Before any work: the training split can fill a batch of the loss's layout, and the test (and validation)
+    split can be scored (a class with two or more images for Recall@K, two classes for the zero-shot protocol).
+
+    Raises:
+      DataError: one line naming the split, what it has and what it needs.
+    """
+    from hdml_tf.data.sampler import TupleSampler
+    from hdml_tf.errors import DataError
+    TupleSampler(train.labels, hdml.loss, run.batch_size, run.seed, name=train.name or f"{run.dataset}/train")
+    for image_set, role in ((test, "test"), (val, "validation")):
+        if image_set is None:
+            continue
+        counts = np.bincount(np.asarray(image_set.labels, np.int64)) if len(image_set) else np.zeros(0, int)
+        name = image_set.name or f"{run.dataset}/{role}"
+        if (counts > 0).sum() < 2:
+            raise DataError(f"{name}: the {role} split has {(counts > 0).sum()} class(es); scoring unseen classes "
+                            "needs at least 2 (a folder data set: add class folders)")
+        if not (counts >= 2).any():
+            raise DataError(f"{name}: every class of the {role} split has a single image, so no image has a "
+                            "neighbour of its class and Recall@K is undefined; each class needs at least 2 images")
+
+
+def _merge(results: Dict, piece: Dict) -> None:
+    """Adds a finished piece ({"test": {...}, "selection": {...}, ...}) into the results, section by section."""
+    for section, values in piece.items():
+        if isinstance(values, dict):
+            results.setdefault(section, {}).update(values)
+        else:
+            results[section] = values
+
+
+def _load_splits(run: RunConfig):
+    """(train, test, the photo set's count report or None)."""
+    from hdml_tf.data import datasets
+    splits = datasets.get(run.dataset).load(run.data_dir, image_size=run.augment().resize, seed=run.seed)
+    report = getattr(splits, "report", None)
+    if report is not None:
+        (log.warning if report.partial else log.info)(report.summary())
+    return splits[0], splits[1], report
+
+
+def check_disk_space(model, run: RunConfig, out: RunDir) -> None:
+    """Refuses to start when the disks of the output and checkpoint directories cannot hold what the run writes
+    (weights, .keras with the optimizers, the best weights, `keep_checkpoints` + 1 checkpoints), so a full disk is
+    found in seconds, not after hours of training. One WriteError line names the space needed and free."""
+    from hdml_tf import atomic, rundir
+    weights = sum(_nbytes(v) for v in model.variables)
+    optimizer = sum(_nbytes(v) for opt in _optimizers(model) for v in opt.variables)
+    needs = {out.path: weights * (2 + (1 if run.eval_every_epochs > 0 else 0)) + optimizer}
+    if run.checkpoint_dir:
+        ckpt = Path(run.checkpoint_dir)
+        needs[ckpt] = needs.get(ckpt, 0) + (run.keep_checkpoints + 1) * (weights + optimizer)
+    by_device: Dict[int, List] = {}
+    for path, size in needs.items():
+        by_device.setdefault(os.stat(path).st_dev, []).append((path, size))
+    for entries in by_device.values():
+        needed = sum(size for _, size in entries)
+        free = rundir.free_bytes(entries[0][0])
+        if free is not None and free < needed * 1.05 + (1 << 20):
+            where = " and ".join(str(p) for p, _ in entries)
+            raise atomic.WriteError(
+                f"not enough disk space for this run: {where} has {free / 1e6:,.1f} MB free, but the run writes about "
+                f"{needed / 1e6:,.1f} MB (weights {weights / 1e6:,.1f} MB, optimizers {optimizer / 1e6:,.1f} MB"
+                + (f", {run.keep_checkpoints} checkpoints kept" if run.checkpoint_dir else "")
+                + "); free some space or choose another directory")
+
+
+def _nbytes(variable) -> int:
+    return int(np.prod(variable.shape)) * tf.as_dtype(variable.dtype).size
+
+
+def _optimizers(model):
+    return [o for o in (getattr(model, a, None) for a in ("optimizer", "generator_optimizer",
+                                                            "classifier_optimizer")) if o is not None]
 
 
 def _evaluation_callback(run: RunConfig, name: str, image_set: ImageSet, out: RunDir):

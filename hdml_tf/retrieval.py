@@ -8,6 +8,7 @@ it with query images. The search is `hdml_tf.evaluation.metrics.nearest_neighbor
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import zipfile
@@ -110,7 +111,11 @@ def embed_files(embedder, paths, *, batch_size: int = 64, name: str = "", verbos
 
 
 def save_index(path: str, index: ImageIndex) -> str:
-    """Writes an ImageIndex as .npz (no pickled objects: strings are stored as unicode arrays)."""
+    """Writes an ImageIndex as .npz (no pickled objects: strings are stored as unicode arrays), atomically.
+
+    Raises:
+      WriteError: the file could not be written (one line; the previous index, if any, is unchanged).
+    """
     path = os.fspath(path)
     if not path.endswith(".npz"):
         raise HDMLError(f"index file {path} must end with .npz")
@@ -120,9 +125,11 @@ def save_index(path: str, index: ImageIndex) -> str:
               "skipped": np.array(index.skipped, dtype=str)}
     if index.labels is not None:
         arrays["labels"] = np.asarray(index.labels, np.int32)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic.atomic_path(path) as temp:
-        np.savez(temp, **arrays)
+    buffer = io.BytesIO()  # built in memory, written with plain file I/O: a full disk leaves no partial file
+    np.savez(buffer, **arrays)
+    with atomic.guarded("the index", path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic.write_bytes(path, buffer.getvalue())
     return path
 
 

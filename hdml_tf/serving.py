@@ -20,6 +20,12 @@ kept), take the center `image_size` x `image_size` window (offset ceil((resize -
 values by the same step, so uint8 and float images of the same pixels give identical embeddings. The geometry is
 the one rule of `hdml_tf.data.datasets.geometry` (a run directory records the run's own).
 
+Inputs are checked inside the graph (so TF Serving callers get the same answers): an empty batch returns an empty
+`[0, E]` result; a float image with a NaN or Inf pixel is an error naming its batch index (NaN would otherwise round
+to black and embed silently); an `image_bytes` item that is not a JPEG / PNG / GIF / BMP / WebP (empty, text, a web
+page) is an error naming its index. `SavedModelEmbedder` / `ModelEmbedder` turn these into one-line `HDMLError`s,
+and their `embed_bytes` names the index of an item that starts like an image but cannot be decoded (truncated).
+
 The same functions are attributes of the loaded object: `loaded.embed_images(x)` (float32 or uint8),
 `loaded.embed_bytes(b)`, and `loaded.metadata()` -> {embedding_size, image_size, resize, backbone,
 hdml_tf_version} as tensors. The metadata is also written as JSON to `<export_dir>/assets.extra/hdml_tf.json`
@@ -30,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from typing import Dict, Optional, Tuple
 
@@ -129,11 +136,47 @@ def preprocess_bytes(image_bytes: tf.Tensor, image_size: int, resize: int) -> tf
     """string [B] of encoded JPEG/PNG/GIF/BMP → float32 [B, S, S, 3] (decode to RGB, then `preprocess_images`).
 
     Images in one batch may differ in size and color mode: each is decoded and resized on its own (tf.map_fn).
+    An item that does not start like a known image format is an InvalidArgumentError naming its index
+    (`check_image_bytes`).
     """
+    image_bytes = check_image_bytes(image_bytes)
+
     def one(data):
         return preprocess_images(decode_rgb(data)[tf.newaxis], image_size, resize)[0]
 
     return tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+
+
+#: What `check_image_bytes` reports, so callers can recognise the error.
+BAD_BYTES_MESSAGE = "image_bytes items that are not a JPEG, PNG, GIF, BMP or WebP image, at batch index:"
+NONFINITE_MESSAGE = "images with NaN or Inf pixel values (expected 0..255), at batch index:"
+
+
+def check_image_bytes(image_bytes: tf.Tensor) -> tf.Tensor:
+    """`image_bytes` (string [B]) after checking that every item starts with a known image signature (JPEG FF D8
+    FF, PNG, GIF8, BM, RIFF....WEBP); otherwise an InvalidArgumentError whose message lists the bad indices."""
+    padded = tf.strings.join([image_bytes, b"\0" * 12])  # substr must not run past a short item's end
+    head = tf.strings.substr(padded, 0, 4)
+    known = tf.reduce_any(tf.stack([
+        tf.equal(tf.strings.substr(padded, 0, 3), b"\xff\xd8\xff"), tf.equal(head, b"\x89PNG"),
+        tf.equal(head, b"GIF8"), tf.equal(tf.strings.substr(padded, 0, 2), b"BM"),
+        tf.logical_and(tf.equal(head, b"RIFF"), tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP"))]), axis=0)
+    check = tf.debugging.Assert(tf.reduce_all(known), [BAD_BYTES_MESSAGE, tf.where(tf.logical_not(known))[:, 0]],
+                                summarize=20)
+    with tf.control_dependencies([check]):
+        return tf.identity(image_bytes)
+
+
+def check_finite(images: tf.Tensor) -> tf.Tensor:
+    """Float `images` [B, H, W, C] after checking every pixel is finite (an InvalidArgumentError naming the batch
+    indices of the images with NaN / Inf otherwise); integer images are returned as they are."""
+    if not images.dtype.is_floating:
+        return images
+    bad = tf.logical_not(tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3]))
+    check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [NONFINITE_MESSAGE, tf.where(bad)[:, 0]],
+                                summarize=20)
+    with tf.control_dependencies([check]):
+        return tf.identity(images)
 
 
 # ------------------------------------------------------------------------------------------------ embedder
@@ -191,12 +234,19 @@ class ServingModule(tf.Module):
         self.embedding_variables = list(embedder.variables)
         s, r = info.image_size, info.resize
 
-        def embed(pixels):
-            z = tf.cast(embedder(pixels, training=False), tf.float32)
-            return {OUTPUT_KEY: tf.math.l2_normalize(z, axis=-1)}
+        size = info.embedding_size
 
-        self.embed_images = tf.function(lambda images: embed(preprocess_images(images, s, r)))
-        self.embed_bytes = tf.function(lambda image_bytes: embed(preprocess_bytes(image_bytes, s, r)),
+        def embed(batch, prepare):
+            """Embeddings [B, E] of a batch; an empty batch gives [0, E] (the network itself cannot run on it)."""
+            def run():
+                z = tf.cast(embedder(prepare(batch), training=False), tf.float32)
+                return tf.math.l2_normalize(z, axis=-1)
+            z = tf.cond(tf.shape(batch)[0] > 0, run, lambda: tf.zeros([0, size], tf.float32))
+            return {OUTPUT_KEY: tf.ensure_shape(z, [None, size])}
+
+        self.embed_images = tf.function(
+            lambda images: embed(images, lambda x: preprocess_images(check_finite(x), s, r)))
+        self.embed_bytes = tf.function(lambda image_bytes: embed(image_bytes, lambda b: preprocess_bytes(b, s, r)),
                                        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         meta = info.to_dict()
         self.metadata = tf.function(lambda: {k: tf.constant(v) for k, v in meta.items()}, input_signature=[])
@@ -213,6 +263,9 @@ class ServingModule(tf.Module):
 
 
 def _prepare_dir(export_dir: str, overwrite: bool) -> None:
+    """Checks the destination before anything is written (an existing SavedModel is replaced only when the new one
+    is complete, by `_write_saved_model`)."""
+    from hdml_tf import atomic
     if os.path.isfile(export_dir):
         raise HDMLError(f"export directory {export_dir} is a file; expected a new or empty directory")
     if os.path.isdir(export_dir) and os.listdir(export_dir):
@@ -221,7 +274,41 @@ def _prepare_dir(export_dir: str, overwrite: bool) -> None:
         if not overwrite:
             raise HDMLError(f"export directory {export_dir} already holds a SavedModel; pass overwrite=True "
                             "(--overwrite) to replace it")
-        shutil.rmtree(export_dir)
+    atomic.check_writable_dir(os.path.dirname(os.path.abspath(export_dir)), "the export directory's parent")
+
+
+def _write_saved_model(module, signatures, info: EmbeddingInfo, export_dir: str) -> None:
+    """Writes the SavedModel into a temporary directory beside `export_dir`, then renames it into place: a failed
+    export (full disk, killed process) never leaves a partial SavedModel under the final name, and a replaced one
+    stays until the new one is complete."""
+    from hdml_tf import atomic
+    final = os.path.abspath(export_dir)
+    temp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
+    old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        with atomic.guarded("the SavedModel", final):
+            try:
+                tf.saved_model.save(module, temp, signatures=signatures)
+            except tf.errors.OpError as e:  # TensorFlow's file errors are not OSErrors
+                raise OSError(getattr(e, "errno", None) or 0, " ".join(e.message.split())[:200]) from None
+            os.makedirs(os.path.join(temp, os.path.dirname(METADATA_FILE)), exist_ok=True)
+            atomic.write_json(os.path.join(temp, METADATA_FILE),
+                              {**info.to_dict(), "signatures": sorted(signatures), "output": OUTPUT_KEY})
+            moved = False
+            if os.path.isdir(final):
+                os.replace(final, old)  # an empty directory, or the SavedModel being replaced (overwrite)
+                moved = True
+            try:
+                os.replace(temp, final)
+            except OSError:
+                if moved:
+                    os.replace(old, final)  # the previous SavedModel goes back under its name
+                raise
+            atomic.fsync_dir(os.path.dirname(final))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_saved_model(model_or_embedder, export_dir: str, image_size: Optional[int] = None, *,
@@ -254,10 +341,7 @@ def export_saved_model(model_or_embedder, export_dir: str, image_size: Optional[
     _prepare_dir(export_dir, overwrite)
     module = ServingModule(embedder, info)
     signatures = module.signatures()
-    tf.saved_model.save(module, export_dir, signatures=signatures)
-    os.makedirs(os.path.join(export_dir, os.path.dirname(METADATA_FILE)), exist_ok=True)
-    with open(os.path.join(export_dir, METADATA_FILE), "w") as f:
-        json.dump({**info.to_dict(), "signatures": sorted(signatures), "output": OUTPUT_KEY}, f, indent=2)
+    _write_saved_model(module, signatures, info, export_dir)
     max_diff = verify_export(embedder, export_dir, info) if verify else None
     return ExportResult(export_dir=export_dir, info=info, signatures=tuple(sorted(signatures)),
                         max_abs_diff=max_diff)
@@ -295,7 +379,76 @@ def read_export_info(export_dir: str) -> EmbeddingInfo:
         return EmbeddingInfo.from_dict(json.load(f))
 
 
-class SavedModelEmbedder:
+def _input_error(e: tf.errors.InvalidArgumentError) -> HDMLError:
+    """The one-line HDMLError of a serving-input check that failed inside the graph."""
+    text = " ".join(str(e.message).split())
+    for marker, what in ((NONFINITE_MESSAGE, "NaN or Inf pixel values (expected finite values 0..255)"),
+                         (BAD_BYTES_MESSAGE, "bytes that are not a JPEG, PNG, GIF, BMP or WebP image")):
+        if marker in text:
+            found = re.search(r"\[([\d\s.]+)\]", text.split(marker, 1)[1])  # Assert prints "[3 7]"
+            indices = ", ".join(found.group(1).split()) if found else "?"
+            return HDMLError(f"batch item(s) {indices} hold {what}")
+    return HDMLError(f"the batch could not be embedded: {text[:300]}")
+
+
+def _embed_checked(fn, *args):
+    try:
+        return np.asarray(fn(*args)[OUTPUT_KEY])
+    except tf.errors.InvalidArgumentError as e:
+        raise _input_error(e) from None
+
+
+def _undecodable(items) -> Tuple[int, str]:
+    """(index, reason) of the first item that `decode_rgb` cannot decode, or (-1, "")."""
+    for i, data in enumerate(items):
+        try:
+            decode_rgb(tf.constant(data))
+        except (tf.errors.InvalidArgumentError, ValueError) as e:
+            text = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]|name:\s*$", "", str(getattr(e, "message", e)))
+            return i, " ".join(text.split())[:200]
+    return -1, ""
+
+
+class _EmbedderBase:
+    """What both embedders share: calls with checked inputs and one-line errors."""
+
+    def _images_fn(self, images):
+        raise NotImplementedError
+
+    def _bytes_fn(self):
+        raise NotImplementedError
+
+    def __call__(self, images) -> np.ndarray:
+        """uint8 or float [B, H, W, C] (0..255) → float32 [B, E] L2-normalized embeddings ([0, E] for B = 0).
+
+        Raises:
+          HDMLError: an image with NaN / Inf pixels (its batch index named).
+        """
+        images = tf.convert_to_tensor(images)
+        if images.dtype != tf.uint8:
+            images = tf.cast(images, tf.float32)
+        return _embed_checked(self._images_fn(images), images)
+
+    def embed_bytes(self, items) -> np.ndarray:
+        """Encoded images (bytes: JPEG, PNG, GIF, BMP, WebP), each of any size → float32 [B, E].
+
+        Raises:
+          HDMLError: naming the index of an item that is not an image or cannot be decoded.
+        """
+        items = [bytes(x) for x in items]
+        data = tf.constant(items, dtype=tf.string, shape=[len(items)])
+        try:
+            return np.asarray(self._bytes_fn()(data)[OUTPUT_KEY])
+        except tf.errors.InvalidArgumentError as e:
+            if BAD_BYTES_MESSAGE in str(e.message):
+                raise _input_error(e) from None
+            index, reason = _undecodable(items)
+            if index < 0:
+                raise HDMLError(f"the batch could not be embedded: {' '.join(str(e.message).split())[:300]}") from None
+            raise HDMLError(f"batch item {index} of {len(items)} cannot be decoded as an image: {reason}") from None
+
+
+class SavedModelEmbedder(_EmbedderBase):
     """A SavedModel directory written by `export_saved_model`, as a callable uint8 images → embeddings.
 
     Attributes:
@@ -313,14 +466,16 @@ class SavedModelEmbedder:
         self._uint8 = self._loaded.signatures[SIGNATURE_IMAGES_UINT8]
         self._float = self._loaded.signatures[SIGNATURE_IMAGES]
 
-    def __call__(self, images) -> np.ndarray:
-        """uint8 or float [B, H, W, C] (0..255) → float32 [B, E] L2-normalized embeddings."""
-        images = tf.convert_to_tensor(images)
+    def _images_fn(self, images):
         fn = self._uint8 if images.dtype == tf.uint8 else self._float
-        return np.asarray(fn(images=images if images.dtype == tf.uint8 else tf.cast(images, tf.float32))[OUTPUT_KEY])
+        return lambda x: fn(images=x)
+
+    def _bytes_fn(self):
+        signature = self._loaded.signatures[SIGNATURE_BYTES]
+        return lambda data: signature(image_bytes=data)
 
 
-class ModelEmbedder:
+class ModelEmbedder(_EmbedderBase):
     """An in-process embedding network (e.g. `HDMLModel.embedder()`) with the serving preprocessing, as a callable
     uint8 images → embeddings (what `SavedModelEmbedder` gives for the exported model)."""
 
@@ -329,13 +484,15 @@ class ModelEmbedder:
         self.info, self.source = info, source
         self._module = ServingModule(embedder, info)
 
-    def __call__(self, images) -> np.ndarray:
-        images = tf.convert_to_tensor(images)
-        fn = self._module.images_uint8 if images.dtype == tf.uint8 else self._module.images_float
-        return np.asarray(fn(images if images.dtype == tf.uint8 else tf.cast(images, tf.float32))[OUTPUT_KEY])
+    def _images_fn(self, images):
+        return self._module.images_uint8 if images.dtype == tf.uint8 else self._module.images_float
+
+    def _bytes_fn(self):
+        return self._module.embed_bytes
 
 
 __all__ = ["EmbeddingInfo", "ExportResult", "ServingModule", "SavedModelEmbedder", "ModelEmbedder",
            "export_saved_model", "verify_export", "read_export_info", "embedding_info", "resolve_embedder",
-           "default_resize", "preprocess_images", "preprocess_bytes", "to_rgb", "SIGNATURE_IMAGES",
+           "default_resize", "preprocess_images", "preprocess_bytes", "check_image_bytes", "check_finite", "to_rgb",
+           "SIGNATURE_IMAGES",
            "SIGNATURE_IMAGES_UINT8", "SIGNATURE_BYTES", "OUTPUT_KEY", "METADATA_FILE", "VERIFY_TOLERANCE"]

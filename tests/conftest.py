@@ -78,3 +78,62 @@ def tiny_backbone(image_size=16, feature_dim=32, seed=0):
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dense(feature_dim, name="fc")(x)
     return keras.Model(inputs, x, name="tiny_backbone")
+
+
+def _mount_tmpfs(path, options):
+    """Mounts a tmpfs on `path` (root only); True when it worked."""
+    import subprocess
+    if os.geteuid() != 0:
+        return False
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def _umount(path):
+    import subprocess
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A directory that exists but cannot be written: chmod 555 for a user; for root (whom chmod does not stop) a
+    read-only tmpfs mounted on it; skipped where neither is possible."""
+    path = tmp_path / "readonly"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    if not _mount_tmpfs(path, "ro,size=64k"):
+        pytest.skip("running as root (chmod does not stop root) and a read-only tmpfs cannot be mounted here")
+    yield path
+    _umount(path)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, tiny file system: a function free_bytes -> directory on a tmpfs with about that much room left
+    (root only; skipped elsewhere: the tests that need no root use RLIMIT_FSIZE or a patched writer instead)."""
+    mounted = []
+
+    def make(free_bytes, name="disk"):
+        path = tmp_path / name
+        path.mkdir()
+        size_kb = max(64, (free_bytes + 65536) // 1024 + 64)
+        if not _mount_tmpfs(path, f"size={size_kb}k"):
+            pytest.skip("a small tmpfs can only be mounted by root")
+        mounted.append(path)
+        import shutil
+        filler = shutil.disk_usage(path).free - free_bytes
+        if filler > 0:
+            with open(path / ".filler", "wb") as f:
+                f.write(b"\0" * filler)
+        return path
+
+    yield make
+    for path in mounted:
+        _umount(path)

@@ -1,12 +1,13 @@
 """A small training run for the resume tests, started as a subprocess so it can really be killed.
 
-    python tests/resume_driver.py CHECKPOINT_DIR [--kill_in_save K] [--reference DIR]
+    python tests/resume_driver.py CHECKPOINT_DIR [--kill_in_save K] [--reference DIR] [--step_seconds S]
 
 Trains the tiny backbone with HDML for 10 steps (epochs of 4) on an in-memory ImageSet through
 `hdml_tf.experiment.fit`, deterministic, with a checkpoint every 2 steps; started again with the same
 CHECKPOINT_DIR it resumes. --kill_in_save K: SIGKILL half-way through writing the checkpoint of step K (the
 process dies mid-epoch and mid-save). --reference DIR: afterwards, trains a fresh model from scratch,
-uninterrupted, into DIR. Prints one JSON line at the end.
+uninterrupted, into DIR. --step_seconds S: prints `STEP <global step>` after each step and sleeps S seconds (a test
+can then kill it at a chosen moment). Prints one JSON line at the end.
 """
 import argparse
 import json
@@ -17,9 +18,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as tools/train.py --deterministic: bit-identical runs
 
 import logging  # noqa: E402
+import time  # noqa: E402
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from conftest import tiny_backbone  # noqa: E402
@@ -72,11 +76,28 @@ def kill_while_writing(step):
     checkpointing.write_npz = partial_then_kill
 
 
+class StepReport(keras.callbacks.Callback):
+    """Prints `STEP <global step>` after each step, then sleeps (so a kill can land between or inside steps)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.step = float(seconds), 0
+
+    def resume_at(self, step):
+        self.step = int(step)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        print(f"STEP {self.step}", flush=True)
+        time.sleep(self.seconds)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint_dir")
     parser.add_argument("--kill_in_save", type=int)
     parser.add_argument("--reference")
+    parser.add_argument("--step_seconds", type=float)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     train = image_set()
@@ -85,8 +106,9 @@ def main():
     if args.kill_in_save is not None:
         kill_while_writing(args.kill_in_save)
     model = build(train, hdml, optim)
+    callbacks = [StepReport(args.step_seconds)] if args.step_seconds is not None else []
     try:
-        experiment.fit(model, run, hdml, train)
+        experiment.fit(model, run, hdml, train, callbacks=callbacks)
     except TrainingInterrupted as e:  # what tools/common_flags.run_main does
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

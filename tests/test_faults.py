@@ -251,3 +251,193 @@ def test_classifier_smaller_than_the_label_range_is_a_clear_error(model):
     with pytest.raises(ConfigError, match=r"has 12 classes but the model's softmax classifier has 8 outputs"):
         experiment.check_num_classes(model, train)
     experiment.check_num_classes(model, resume_driver.image_set(classes=2 * N))
+
+
+# ------------------------------------------------------------------------------------------- full disks (issue 14)
+def _full_disk_writer(path, data):
+    """What a full disk does to a write: part of the bytes land, then ENOSPC."""
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("artifact", ["weights", "keras", "results", "history", "index"])
+def test_a_full_disk_while_writing_an_artifact_is_one_line_and_keeps_the_previous_file(tmp_path, model, monkeypatch,
+                                                                                       artifact):
+    """Every artifact is written atomically: the previous file stays, byte for byte, no partial or temporary file is
+    left, and the error is one line (it used to be three h5py tracebacks and a segmentation fault)."""
+    from hdml_tf import atomic, retrieval
+    from hdml_tf.rundir import RunDir
+    from hdml_tf.serving import EmbeddingInfo
+    out = RunDir(tmp_path)
+    index = retrieval.ImageIndex(embeddings=np.eye(3, dtype=np.float32), paths=("a", "b", "c"), root="/x",
+                                 labels=None, class_names=(), info=EmbeddingInfo(3, 16, 16))
+    write = {"weights": lambda: out.save_model(model, "hdml", image_size=16, resize=16, backbone="tiny"),
+             "keras": lambda: out.save_model(model, "hdml", image_size=16, resize=16, backbone="tiny"),
+             "results": lambda: out.write_results({"test": {"hdml": {"nmi": 0.5}}}),
+             "history": lambda: out.write_history("hdml", [{"epoch": 1, "step": 2, "loss": 1.5}]),
+             "index": lambda: retrieval.save_index(str(tmp_path / "index.npz"), index)}[artifact]
+    target = {"weights": out.weights("hdml"), "keras": out.keras("hdml"), "results": out.results,
+              "history": out.history("hdml"), "index": tmp_path / "index.npz"}[artifact]
+    write()  # the previous, complete file
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = atomic._write_file
+    if artifact == "keras":  # the weights are written first and fit; the .keras file does not
+        monkeypatch.setattr(atomic, "_write_file", lambda p, d: (_full_disk_writer if str(p).endswith(".keras")
+                                                                 else real)(p, d))
+    else:
+        monkeypatch.setattr(atomic, "_write_file", _full_disk_writer)
+    with pytest.raises(atomic.WriteError) as failed:
+        write()
+    message = str(failed.value)
+    assert "\n" not in message and f"{target}: the disk is full; the previous {target.name} is unchanged" in message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing partial, nothing left over
+
+
+def _child(code, limit_bytes=None, timeout=240):
+    """Runs Python code in a child process, with a file size limit (RLIMIT_FSIZE: writes past it fail with EFBIG,
+    as a full disk fails them with ENOSPC, also inside h5py's C code) when given."""
+    import resource
+    import signal as signals
+    import sys
+
+    def limit():
+        signals.signal(signals.SIGXFSZ, signals.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.path.dirname(here),
+                                                                     os.environ.get("PYTHONPATH")])),
+           "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+                          preexec_fn=limit if limit_bytes else None)
+
+
+_SAVE_IN_CHILD = """
+import sys
+from conftest import tiny_backbone
+from hdml_tf.config import HDMLConfig
+from hdml_tf.errors import HDMLError
+from hdml_tf.model import HDMLModel
+from hdml_tf.rundir import RunDir
+model = HDMLModel(tiny_backbone(32, feature_dim=256), 4, HDMLConfig(embedding_size=64))
+model.compile()
+try:
+    RunDir(sys.argv[1] if len(sys.argv) > 1 else {out!r}).save_model(model, "hdml", image_size=32, resize=32,
+                                                                    backbone="tiny")
+except HDMLError as e:
+    print(f"error: {{e}}", file=sys.stderr)
+    sys.exit(2)
+print("saved")
+"""
+
+
+def _assert_clean_failure(result, out):
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])  # not -11: no segmentation fault
+    assert "Traceback" not in result.stderr and "h5py" not in result.stderr, result.stderr[-3000:]
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert not (out / "hdml.weights.h5").exists() and not (out / "hdml.keras").exists()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    return errors[0]
+
+
+def test_a_write_past_the_file_size_limit_in_a_real_process_is_one_line_not_a_crash(tmp_path):
+    """A real failing write inside a real process (no patched Python): the process may write 200 kB per file and
+    the weights are ~1.4 MB. h5py used to print its errors from C and crash the interpreter at exit."""
+    out = tmp_path / "out"
+    out.mkdir()
+    result = _child(_SAVE_IN_CHILD.format(out=str(out)), limit_bytes=200_000)
+    line = _assert_clean_failure(result, out)
+    assert line.startswith(f"error: could not write the weights {out / 'hdml.weights.h5'}: the file is larger than "
+                           "this process may write (file size limit); nothing was written under that name"), line
+
+
+def test_a_full_tmpfs_in_a_real_process_is_one_line_not_a_crash(tmp_path, small_disk):
+    disk = small_disk(300_000)
+    result = _child(_SAVE_IN_CHILD.format(out=str(disk)))
+    line = _assert_clean_failure(result, disk)
+    assert line.startswith(f"error: could not write the weights {disk / 'hdml.weights.h5'}: the disk is full; "
+                           "nothing was written under that name"), line
+
+
+def test_a_run_whose_disk_is_too_small_stops_before_training(tmp_path, small_disk):
+    """Check before working: the disk of --output_dir is measured against what the run will write (weights,
+    .keras with the optimizers, checkpoints) before the first step, not found full after hours of training."""
+    import sys
+    disk = small_disk(200_000)
+    driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_driver.py")
+    result = subprocess.run([sys.executable, driver, "--dataset=digits", "--image_size=32", "--batch_size=8",
+                             "--steps=4", "--steps_per_epoch=2", "--embedding_size=8", "--kmeans_restarts=1",
+                             "--verbose=0", f"--output_dir={disk / 'run'}"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")][-1]
+    assert line.startswith(f"error: not enough disk space for this run: {disk / 'run'} has ") and (
+        "free some space or choose another directory") in line, line
+    assert "training hdml" not in result.stdout
+
+
+# ------------------------------------------------------------------------------------------- the serving tools
+@pytest.fixture(scope="module")
+def keras_model(tmp_path_factory):
+    from hdml_tf import rundir
+    m = HDMLModel(tiny_backbone(16, seed=4), num_classes=3, config=HDMLConfig(embedding_size=8))
+    return rundir.save_keras(m, str(tmp_path_factory.mktemp("model") / "model.keras"), resize=20)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_unwritable_outputs_of_embed_search_and_evaluate_are_one_line_before_work(readonly_dir, keras_model, photos,
+                                                                                    monkeypatch):
+    from conftest import load_tool
+    from hdml_tf.errors import HDMLError
+    embed, evaluate = load_tool("embed"), load_tool("evaluate")
+    calls = []
+    monkeypatch.setattr("hdml_tf.rundir.load_embedder", lambda *a, **k: calls.append(a) or pytest.fail("loaded"))
+    with pytest.raises(HDMLError, match=rf"^cannot write --output={readonly_dir / 'x.npz'}: (permission denied|the "
+                                        r"file system is read-only); expected a writable directory$"):
+        embed.embed_folder(keras_model, str(photos), str(readonly_dir / "x.npz"), verbose=0)
+    with pytest.raises(HDMLError, match=rf"^cannot write --output_json={readonly_dir / 'r.json'}: "):
+        evaluate.evaluate(keras_model, dataset="digits", output_json=str(readonly_dir / "r.json"), progress=False,
+                          printer=lambda *a: None)
+    with pytest.raises(HDMLError, match=rf"^cannot write into --plots_dir={readonly_dir / 'plots'}|^cannot create "
+                                        rf"--plots_dir={readonly_dir / 'plots'}"):
+        evaluate.evaluate(keras_model, dataset="digits", plots_dir=str(readonly_dir / "plots"), progress=False,
+                          printer=lambda *a: None)
+    assert not calls  # refused before the model was loaded
+
+
+def test_search_tool_with_an_unwritable_grid_is_one_line_before_embedding(readonly_dir, tmp_path):
+    import sys
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "search.py")
+    (tmp_path / "index.npz").write_bytes(b"not read: the grid is checked first")
+    result = subprocess.run([sys.executable, tool, f"--index={tmp_path / 'index.npz'}", "--query=q.png",
+                             f"--grid={readonly_dir / 'grid.png'}"], capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot write --grid={readonly_dir / 'grid.png'}")
+
+
+def test_embed_tool_on_a_full_disk_is_one_line_and_leaves_no_partial_index(keras_model, photos, tmp_path,
+                                                                           monkeypatch):
+    from conftest import load_tool
+    from hdml_tf import atomic
+    embed = load_tool("embed")
+    output = tmp_path / "x.npz"
+    monkeypatch.setattr(atomic, "_write_file", _full_disk_writer)
+    with pytest.raises(atomic.WriteError, match=rf"^could not write the index {output}: the disk is full; nothing "
+                                                r"was written under that name$"):
+        embed.embed_folder(keras_model, str(photos), str(output), verbose=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no x.npz, no x.tmp.npz, no hidden temporary

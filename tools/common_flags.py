@@ -42,31 +42,39 @@ def is_tensorflow_noise(line: str) -> bool:
     return bool(_TF_LOG_LINE.match(line)) or line.startswith(_TF_NOTICES)
 
 
-def requested_verbosity(argv: List[str]) -> int:
-    """The --verbose value of a command line (flagfiles included, the last one wins) before absl parses it: the
-    quiet start must be set up before the flags are defined, and defining them may import TensorFlow. 1 when
-    absent or not an integer (absl then reports a bad value)."""
-    found = None
+def flag_values(argv: List[str], name: str, depth: int = 0) -> List[str]:
+    """The values `--name=v`, `--name v`, `--name` ("true") and `--noname` ("false") take in argv and in the
+    flagfiles it names, in order (the last one wins, as in absl). Read before absl parses the command line: what
+    must happen before TensorFlow is imported (the quiet start, oneDNN off) depends on them."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--flagfile=") and depth < 10:
+            try:
+                with open(os.path.expanduser(arg.split("=", 1)[1])) as f:
+                    lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+            except OSError:
+                continue  # absl reports an unreadable flagfile itself
+            found += flag_values(lines, name, depth + 1)
+        elif arg in (f"--{name}", f"-{name}"):
+            following = argv[i + 1] if i + 1 < len(argv) else ""
+            found.append(following if following and not following.startswith("-") else "true")
+        elif arg in (f"--no{name}", f"-no{name}"):
+            found.append("false")
+        elif arg.startswith((f"--{name}=", f"-{name}=")):
+            found.append(arg.split("=", 1)[1])
+    return found
 
-    def scan(args, depth=0):
-        nonlocal found
-        args = list(args)
-        for i, arg in enumerate(args):
-            if arg.startswith("--flagfile=") and depth < 3:
-                try:
-                    with open(arg.split("=", 1)[1]) as f:
-                        scan([line.strip() for line in f if line.strip().startswith("--")], depth + 1)
-                except OSError:
-                    pass
-            elif arg.startswith("--verbose="):
-                found = arg.split("=", 1)[1]
-            elif arg == "--verbose" and i + 1 < len(args):
-                found = args[i + 1]
-            elif arg == "--noverbose":
-                found = "0"
-    scan(argv[1:])
+
+def requested_verbosity(argv: List[str]) -> int:
+    """The --verbose value of a command line (flagfiles included) before absl parses it: the quiet start must be
+    set up before the flags are defined, and defining them may import TensorFlow. 1 when absent or not an integer
+    (absl then reports a bad value)."""
+    values = flag_values(list(argv[1:]), "verbose")
+    if not values:
+        return 1
+    value = {"true": "1", "false": "0"}.get(values[-1].lower(), values[-1])
     try:
-        return int(found) if found is not None else 1
+        return int(value)
     except ValueError:
         return 1
 
@@ -151,6 +159,24 @@ def quiet_start(verbose: int) -> None:
         sys.meta_path.insert(0, _QuietTensorFlowFinder())
 
 
+def pin_kernels_for_determinism(argv=None) -> bool:
+    """With --deterministic (on the command line or in a flagfile), turns TensorFlow's oneDNN CPU kernels off
+    (TF_ENABLE_ONEDNN_OPTS=0) before TensorFlow is imported, unless the environment already decides.
+
+    Why: tools/stress_resume.py showed that with oneDNN on, two processes training from the same state on the same
+    batch can differ in the last bit of a weight gradient (a matrix product or convolution filter gradient: identical
+    inputs, different float summation order), so "bit-identical" resumed and repeated runs held only most of the
+    time; with oneDNN off (TensorFlow's Eigen kernels) every run matched. README "Runs, resuming, and what is never
+    lost" has the measurements. Returns whether oneDNN was turned off here.
+    """
+    values = flag_values(list(sys.argv[1:] if argv is None else argv), "deterministic")
+    if values and values[-1].lower() in ("1", "true", "t", "yes", "y") and "TF_ENABLE_ONEDNN_OPTS" not in os.environ and "tensorflow" not in sys.modules:
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+        return True
+    return False
+
+
+pin_kernels_for_determinism()  # before quiet_start: both must run before TensorFlow is imported
 quiet_start(requested_verbosity(sys.argv))
 
 FLAGS = flags.FLAGS
@@ -286,7 +312,8 @@ def run_main(fn):
 
     Training stopped by SIGTERM after saving its checkpoint (hdml_tf.callbacks.TrainingInterrupted, which carries
     an `exit_code`) prints `interrupted: ...` and exits 128 + the signal number (143). Log records print as
-    `warning: ...` / `error: ...` lines (INFO as the bare message), after any progress line is finished.
+    `warning: ...` / `error: ...` lines (INFO as the bare message), after any progress line is finished. Ctrl-C anywhere else
+    (loading data, evaluating) prints one `interrupted:` line and exits 130, without a traceback.
     """
     from hdml_tf.errors import HDMLError
     from hdml_tf.progress import end_line
@@ -306,6 +333,11 @@ def run_main(fn):
         except BrokenPipeError:  # `tool | head`: the reader left; no traceback (Python's documented recipe)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
+        except KeyboardInterrupt:
+            end_line()
+            print("interrupted: stopped by Ctrl-C (SIGINT); files already written are complete (every write is "
+                  "atomic); run the same command again to continue", file=sys.stderr)
+            sys.exit(130)
         except BaseException:
             end_line()  # a traceback or Ctrl-C starts on a line of its own
             raise

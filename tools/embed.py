@@ -65,7 +65,8 @@ def embed_folder(model: str, images: str, output: str | None = None, batch_size:
       (ImageIndex, ImageScanReport of the files, the output path).
 
     Raises:
-      HDMLError: missing model or folder, an empty folder, no readable image, a bad batch size or output name.
+      HDMLError: missing model or folder, an empty folder, no readable image, a bad batch size or output name, an
+        unwritable --output (before any work) or a failed write (full disk: the previous index is kept).
     """
     check_model_path(model)
     output = output or os.path.normpath(images or ".") + ".npz"
@@ -74,6 +75,8 @@ def embed_folder(model: str, images: str, output: str | None = None, batch_size:
     if batch_size <= 0:
         raise HDMLError(f"--batch_size={batch_size} must be > 0")
     paths = list_images(images, exclude=(output,))
+    from hdml_tf.atomic import check_writable_file
+    check_writable_file(output, "--output")  # before the model is loaded and every image embedded
 
     from hdml_tf.retrieval import ImageIndex, embed_files, folder_labels, save_index
     from hdml_tf.rundir import load_embedder

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a trained embedding on a data set split: a paper-style table in the terminal and a JSON file.
 
-    python tools/evaluate.py --model=runs/demo                         # a training run directory (its test split)
+    python tools/evaluate.py --model=runs/glyphs_npair_hdml/version_1  # a training run directory (its test split)
     python tools/evaluate.py --model=runs/cub/hdml.keras --dataset=cub200 --data_dir=/data/CUB_200_2011
     python tools/evaluate.py --model=runs/cub/hdml.best.weights.h5 --data_dir=/data/CUB_200_2011   # selected ckpt
     python tools/evaluate.py --model=exported/cub --dataset=cub200 --data_dir=... --output_json=cub.json \
@@ -24,7 +24,6 @@ exit code 2.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -186,6 +185,11 @@ def evaluate(model: str, *, variant="auto", dataset=None, data_dir=None, split="
         raise HDMLError(f"recall_ks={','.join(map(str, recall_ks))} must be positive")
     if kmeans_restarts < 1:
         raise HDMLError(f"kmeans_restarts={kmeans_restarts} must be >= 1 (10 is the official protocol)")
+    from hdml_tf import atomic
+    if output_json:  # an unwritable destination fails now, not after embedding and clustering
+        atomic.check_writable_file(output_json, "--output_json")
+    if plots_dir:
+        atomic.check_writable_dir(plots_dir, "--plots_dir")
     if model and os.path.exists(model):  # bad data flags fail before the (slow) model load
         resolve_data(model, _run_of(model, variant), dataset, data_dir)
     loaded = load_model(model, variant, image_size, resize)
@@ -230,10 +234,8 @@ def evaluate(model: str, *, variant="auto", dataset=None, data_dir=None, split="
                                       f"{name}: {run.dataset} {split}", progress=progress)
         printer("plots: " + ", ".join(report["plots"].values()))
     if output_json:
-        folder = os.path.dirname(os.path.abspath(output_json))
-        os.makedirs(folder, exist_ok=True)
-        with open(output_json, "w") as f:
-            json.dump(report, f, indent=2)
+        with atomic.guarded("the report", output_json):
+            atomic.write_json(output_json, report)
         printer(f"wrote {output_json}")
     return report
 
@@ -249,16 +251,19 @@ def write_plots(plots_dir, embeddings, labels, image_set, run, seed, tsne_points
     images = _thumbnails(image_set, run) if len(labels) == len(image_set) else None
     paths = {"tsne": os.path.join(plots_dir, "tsne.png"), "retrieval": os.path.join(plots_dir, "retrieval.png")}
     points = min(tsne_points, len(labels))
-    with Activity(f"plots: t-SNE map of {points:,} embeddings", enabled=progress):
-        plot_tsne(embeddings, labels, paths["tsne"], images=images, max_points=points, seed=seed,
+    from hdml_tf import atomic
+    with Activity(f"plots: t-SNE map of {points:,} embeddings", enabled=progress), \
+            atomic.guarded("the t-SNE plot", paths["tsne"]), atomic.atomic_path(paths["tsne"]) as temp:
+        plot_tsne(embeddings, labels, str(temp), images=images, max_points=points, seed=seed,
                   title=f"t-SNE, {title}")
     if images is None:  # some files were unreadable: positions no longer match, draw labelled placeholders
         blank = np.full((32, 32, 3), 200, np.uint8)
         images = lambda i: blank  # noqa: E731
         logging.warning("some images were unreadable; the retrieval grid shows placeholders")
     names = list(image_set.class_names) if image_set.class_names is not None else None
-    plot_retrieval(images, embeddings, labels, paths["retrieval"], k=min(5, len(labels) - 1), seed=seed,
-                   class_names=names, title=f"nearest neighbours (cosine similarity), {title}")
+    with atomic.guarded("the retrieval plot", paths["retrieval"]), atomic.atomic_path(paths["retrieval"]) as temp:
+        plot_retrieval(images, embeddings, labels, str(temp), k=min(5, len(labels) - 1), seed=seed,
+                       class_names=names, title=f"nearest neighbours (cosine similarity), {title}")
     return paths
 
 

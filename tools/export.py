@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a trained embedding network as a TensorFlow SavedModel for serving (TF Serving, a Python service).
 
-    python tools/export.py --checkpoint=runs/default --output=exported/glyphs
+    python tools/export.py --checkpoint=runs/glyphs_npair_hdml/version_1 --output=exported/glyphs
     python tools/export.py --checkpoint=runs/cub/hdml.keras --output=exported/cub
     python tools/export.py --checkpoint=hdml.weights.h5 --backbone=inception_v1_caffe --embedding_size=256 \
         --image_size=227 --resize=256 --output=exported/cub

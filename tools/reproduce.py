@@ -102,7 +102,7 @@ def main(argv):
                     "cpus": os.cpu_count(), "gpus": _gpus()},
         "results": results,
     }
-    out = run.output_dir
+    out = results.get("output_dir") or run.output_dir  # run_experiment decides it when --output_dir is empty
     with open(os.path.join(out, "reproduction.json"), "w") as f:
         json.dump(report, f, indent=2, default=_json_default)
     with open(os.path.join(out, "paper_table.txt"), "w") as f:

@@ -183,6 +183,14 @@ def plot_grid(results, index, path: str) -> str:
     return _plot_unlabelled(results, queries, neighbours, path)
 
 
+def write_grid(results, index, path: str) -> str:
+    """`plot_grid` written atomically: a failed write (full disk) is one line and leaves the previous file."""
+    from hdml_tf import atomic
+    with atomic.guarded("the grid", path), atomic.atomic_path(path) as temp:
+        plot_grid(results, index, str(temp))
+    return path
+
+
 def _plot_unlabelled(results, queries, neighbours, path: str) -> str:
     """The grid without frames (nobody knows which neighbours are right): captions give the rank, d and class."""
     from hdml_tf.evaluation.plots import plot_image_grid
@@ -204,11 +212,14 @@ def main(argv):
         raise HDMLError(f"--grid={FLAGS.grid} must end with .png")
     if not FLAGS.index:
         raise HDMLError("--index is required (an index written by tools/embed.py)")
+    if FLAGS.grid:
+        from hdml_tf.atomic import check_writable_file
+        check_writable_file(FLAGS.grid, "--grid")  # before the queries are embedded
     results, skipped, index = search(FLAGS.index, queries, FLAGS.model, FLAGS.k, FLAGS.exclude_self,
                                      FLAGS.batch_size)
     print("\n".join(format_results(results, index, FLAGS.index)))
     if FLAGS.grid:
-        print(f"\ngrid: {plot_grid(results, index, FLAGS.grid)}")
+        print(f"\ngrid: {write_grid(results, index, FLAGS.grid)}")
     if skipped:
         print(f"warning: skipped {len(skipped)} query files that are not readable images:", file=sys.stderr)
         for line in skipped:

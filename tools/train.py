@@ -32,12 +32,17 @@ def with_default_flagfile(argv):
     return argv[:1] + [f"--flagfile={DEMO_FLAGFILE}"] + argv[1:]
 
 
+def _uses_demo_flagfile() -> bool:
+    # absl keeps no --flagfile value (FLAGS.flagfile raised AttributeError for every photo data set): ask argv.
+    return f"--flagfile={DEMO_FLAGFILE}" in sys.argv
+
+
 @common_flags.run_main
 def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])} (flags start with --)")
     run, hdml, optim = common_flags.configs_from_flags()
-    if not run.embedded and with_default_flagfile(sys.argv) != sys.argv:  # the demo's flagfile was inserted
+    if not run.embedded and _uses_demo_flagfile():
         from hdml_tf.progress import wrap
         print(wrap(f"note: training {run.dataset} on the demo's schedule (configs/demo.cfg: {run.steps} steps, "
                    f"learning rate {optim.learning_rate}); the paper's settings are in configs/{run.dataset}_*.cfg "
@@ -48,4 +53,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, argv=with_default_flagfile(sys.argv), flags_parser=common_flags.parse_flags)
+    sys.argv = with_default_flagfile(sys.argv)
+    app.run(main, argv=sys.argv, flags_parser=common_flags.parse_flags)

@@ -166,8 +166,11 @@ class EvaluationCallback(keras.callbacks.Callback):
         self.resume_at(initial_step)
 
     def resume_at(self, step: int) -> None:
-        """Counts training steps from global step `step` (call before `fit` when a run resumes mid-way)."""
+        """Counts training steps from global step `step` (call before `fit` when a run resumes mid-way); a run
+        continued at a later step also continues its CSV, TensorBoard scalars and best / last evaluations."""
         self.step = self._epoch_start_step = int(step)
+        if step > 0:
+            self._continue_files(int(step))
 
     @staticmethod
     def metrics_of(row: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
@@ -218,8 +221,9 @@ class EvaluationCallback(keras.callbacks.Callback):
         summary = {"monitor": self.prefix + self.monitor, "best": self.best, "last": self.last,
                    "clustering_protocol": self.describe_protocol()}
         if self.files.summary:
-            _makedirs_for(self.files.summary)
-            atomic.write_json(self.files.summary, summary)
+            with atomic.guarded("the evaluation summary", self.files.summary):
+                _makedirs_for(self.files.summary)
+                atomic.write_json(self.files.summary, summary)
         if self.verbose:
             end_line()
             print(f"evaluation: best by {self.monitor} at step {self.best['step']}, last at step {self.last['step']}")
@@ -266,9 +270,8 @@ class EvaluationCallback(keras.callbacks.Callback):
         return self.protocol.describe(self._num_classes) if self._num_classes else None
 
     def _save_weights(self, path: str) -> None:
-        _makedirs_for(path)
-        with atomic.atomic_path(path) as temp:
-            self.model.save_weights(str(temp))
+        from hdml_tf.rundir import write_weights  # atomic, built in memory: a full disk is one line
+        write_weights(self.model, path, what="the selected weights")
 
     def _prefixed(self, row: Dict[str, float]) -> Dict[str, float]:
         return {self.prefix + k: v for k, v in self.metrics_of(row).items()}
@@ -285,23 +288,69 @@ class EvaluationCallback(keras.callbacks.Callback):
             if old != header:
                 raise ValueError(f"{self.files.csv} has columns {','.join(old)}; this run writes "
                                  f"{','.join(header)}: use a new csv_path")
-        with open(self.files.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            if not exists:
-                writer.writeheader()
-            writer.writerow(row)
+        # Rewritten whole and atomically (not appended): a process killed while writing leaves the previous rows.
+        from hdml_tf.rundir import read_csv_rows, rows_to_csv
+        rows = (read_csv_rows(self.files.csv) if exists else []) + [row]
+        with atomic.guarded("the evaluation table", self.files.csv):
+            atomic.write_text(self.files.csv, rows_to_csv(rows, header))
 
-    def _write_tensorboard(self, results: Dict[str, float]):
+    def _write_tensorboard(self, results: Dict[str, float], step: Optional[int] = None):
         if self._writer is None:
             if not self.files.tensorboard:
                 return
             self._writer = tf.summary.create_file_writer(self.files.tensorboard)
-        with self._writer.as_default():
-            for key, value in results.items():
-                # tf.summary.scalar needs the tensorboard package; the raw op with the scalars plugin tag does not.
-                tf.summary.write(self.prefix + key, tf.constant(value, tf.float32), step=self.step,
-                                 metadata=_SCALAR_METADATA)
-        self._writer.flush()
+        write_scalars(self._writer, {self.prefix + k: v for k, v in results.items()},
+                      self.step if step is None else step)
+
+    def _continue_files(self, step: int) -> None:
+        """A resumed run (`resume_at` a later step) continues the CSV, TensorBoard and best / last of the run.
+
+        Evaluations after `step` (the resumed run trains those steps again and evaluates them again) are dropped
+        from the CSV and from TensorBoard (its event files are rewritten from the rows kept). The best evaluation is
+        the best of the rows kept, except when the best-weights file holds a dropped evaluation's weights: that
+        evaluation stays the best (its weights are real and saved; a deterministic run re-evaluates it identically).
+        """
+        if not self.files.csv or not os.path.exists(self.files.csv):
+            return
+        from hdml_tf.rundir import csv_columns, read_csv_rows, rows_to_csv
+        rows = [r for r in read_csv_rows(self.files.csv) if isinstance(r.get("step"), (int, float))]
+        kept = [r for r in rows if r["step"] <= step]
+        if self.monitor not in (rows[0] if rows else {}):
+            return
+        best_all = _best(rows, self.monitor)
+        best_kept = _best(kept, self.monitor)
+        self.history = list(kept)
+        self.last = kept[-1] if kept else None
+        self.best = best_all if best_all is not None and best_all["step"] > step and self.files.best_weights and \
+            os.path.exists(self.files.best_weights) else best_kept
+        if len(kept) != len(rows):
+            atomic.write_text(self.files.csv, rows_to_csv(kept, csv_columns(self.files.csv)))
+        if self.files.tensorboard and os.path.isdir(self.files.tensorboard):
+            for name in os.listdir(self.files.tensorboard):
+                if name.startswith("events.out.tfevents."):
+                    os.remove(os.path.join(self.files.tensorboard, name))
+            for row in kept:
+                self._write_tensorboard(self.metrics_of(row), step=int(row["step"]))
+
+
+def _best(rows, monitor: str):
+    """The first row with the highest `monitor` (evaluations only replace the best when strictly better)."""
+    best = None
+    for row in rows:
+        if best is None or row[monitor] > best[monitor]:
+            best = row
+    return best
+
+
+def write_scalars(writer, values: Dict[str, float], step: int) -> None:
+    """Writes numbers as TensorBoard scalars at `step` with `writer` (a tf.summary file writer) and flushes.
+
+    tf.summary.scalar needs the tensorboard package; the raw op with the scalars plugin's metadata does not.
+    """
+    with writer.as_default():
+        for key, value in values.items():
+            tf.summary.write(key, tf.constant(value, tf.float32), step=int(step), metadata=_SCALAR_METADATA)
+    writer.flush()
 
 
 def _scalar_metadata() -> bytes:
