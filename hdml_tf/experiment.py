@@ -184,10 +184,13 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
                  run.steps, manager.directory if manager else "-")
         return keras.callbacks.History()
     safety = fault_tolerance_callbacks(run, manager, initial_step)
+    from hdml_tf.diagnostics import StepLog
     from hdml_tf.evaluation.callback import EvaluationCallback
     for cb in callbacks:
         if isinstance(cb, EvaluationCallback) and cb.step < initial_step:
             cb.step = cb._epoch_start_step = initial_step  # a resumed run counts evaluation steps globally
+        if isinstance(cb, StepLog) and initial_step:
+            cb.resume(initial_step)  # keeps the per-step rows up to the checkpoint
     epochs = -(-run.steps // run.steps_per_epoch)
     ds = distributed_train_dataset(model, run, hdml, train, start_step=initial_step)
     try:
@@ -245,6 +248,7 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     """Trains HDML (and the plain baseline when asked) and scores raw pixels, the untrained and the trained network.
 
     Writes into run.output_dir (`hdml_tf.rundir.RunDir`): results.json, history_<variant>.csv, curves_<variant>.png,
+    steps_<variant>.csv / .png and TensorBoard scalars under logs/<variant> (every step's own values),
     <variant>.weights.h5 and <variant>.keras (the last weights; `hdml_tf.rundir.load_keras`, tools/export.py and
     tools/evaluate.py read it).
     With `run.eval_every_epochs` > 0 also eval_<variant>.csv (one row per evaluation), eval_<variant>.json (best
@@ -289,13 +293,16 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
             results["test"]["untrained"] = evaluate_model(model, test_ds, ks)
         printer(f"training {name}: {cfg.loss} loss, {run.backbone}, batch {run.batch_size}, {run.steps} steps")
         selector = _evaluation_callback(run, name, val if val is not None else test, out)
+        from hdml_tf.diagnostics import StepLog
+        step_log = StepLog(out.steps(name), log_dir=str(out.logs(name)))
         start = time.time()
-        history = fit(model, run, cfg, train, ([selector] if selector else []) + list(callbacks))
+        history = fit(model, run, cfg, train, ([selector] if selector else []) + [step_log] + list(callbacks))
         seconds = time.time() - start
         results["test"][name] = evaluate_model(model, test_ds, ks)
         results.setdefault("train_seconds", {})[name] = round(seconds, 1)
         out.write_history(name, history.history)
         out.plot_curves(name)
+        out.plot_steps(name)
         geometry = run.augment()
         out.save_model(model, name, image_size=geometry.crop, resize=geometry.resize, backbone=run.backbone)
         if selector is not None and selector.best is not None:

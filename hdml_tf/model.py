@@ -30,9 +30,13 @@ from hdml_tf.generator import classifier, generator, metric_head
 from hdml_tf.losses import label_preserving_softmax, mean_cross_entropy, reconstruction_loss
 from hdml_tf.running_mean import WindowedMean
 
-#: Quantities logged each step (means over the epoch in Keras' logs).
+#: Quantities logged each step (means over the epoch in Keras' logs; each step's own values in `last_step_logs`).
+#: Beyond the losses: "j_m_unweighted" is J_m before the factor e^(−β/J_gen) (what the baseline's "j_m" is);
+#: "grad_real_norm" and "grad_syn_norm" are the norms of the gradients that e^(−β/J_gen)·J_m and J_syn send into the
+#: backbone (at its output features y, the whole batch: ‖∂L/∂y‖ over [B, D]).
 HDML_LOG_KEYS = ("loss", "j_m", "j_syn", "j_gen", "j_recon", "j_soft", "j_ce", "weight_decay", "pull_factor",
-                 "syn_weight", "pulled_fraction", "j_avg", "j_gen_avg", "skipped_steps")
+                 "syn_weight", "pulled_fraction", "j_avg", "j_gen_avg", "skipped_steps", "j_m_unweighted",
+                 "grad_real_norm", "grad_syn_norm")
 BASELINE_LOG_KEYS = ("loss", "j_m", "weight_decay", "j_avg", "skipped_steps")
 #: The losses among them (the rest are diagnostics and running means); each has a non-finite flag.
 LOSS_KEYS = ("loss", "j_m", "j_syn", "j_gen", "j_recon", "j_soft", "j_ce", "weight_decay")
@@ -47,14 +51,17 @@ class StepResult:
         weight decay; plain J_m for the baseline), "weight_decay", and for HDML "j_syn", "j_gen", "j_recon",
         "j_soft", "j_ce".
       running: this step's inputs to the running means ("j_avg", and "j_gen" for HDML), applied only if the step is.
-      diagnostics: logged quantities that are not losses: "pull_factor", "syn_weight", "pulled_fraction" (HDML).
+      diagnostics: logged quantities that are not losses: "pull_factor", "syn_weight", "pulled_fraction",
+        "j_m_unweighted" (HDML; the training step adds the gradient norms "grad_real_norm", "grad_syn_norm").
       was_pulled: bool, which negatives the augmentation moved (the layout's shape); not logged.
+      features: the backbone features y [B, D] float32 the losses saw (the global batch); not logged.
     """
 
     losses: Dict[str, tf.Tensor]
     running: Dict[str, tf.Tensor]
     diagnostics: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
     was_pulled: Optional[tf.Tensor] = None
+    features: Optional[tf.Tensor] = None
 
 
 class Route(NamedTuple):
@@ -137,6 +144,10 @@ class HDMLModel(keras.Model):
                                        name="skipped_steps")
         keys = HDML_LOG_KEYS if config.hdml else BASELINE_LOG_KEYS
         self._trackers = {k: keras.metrics.Mean(name=k) for k in keys}
+        # Each step's own values (not the epoch means) for per-step logs (hdml_tf.diagnostics.StepLog), in tracker
+        # order; NaN stays NaN here. Not model state: a plain tf.Variable, not in weights or checkpoints.
+        self.last_step = tf.Variable(tf.zeros([len(keys)]), trainable=False, name="last_step",
+                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         # Diagnostics of the last step for the NaN guard (hdml_tf.callbacks.NonFiniteGuard): 1.0 where a loss or a
         # route's gradient was NaN/Inf. A plain tf.Variable: not model state, so not in weights or checkpoints.
         self.nonfinite_names = self._nonfinite_names()
@@ -213,7 +224,7 @@ class HDMLModel(keras.Model):
         if not cfg.hdml:
             return StepResult(losses={"loss": j_m, "j_m": j_m, "weight_decay": weight_decay}, running={"j_avg": j_m})
 
-        factor = hardness.pull_factor(self.j_avg.value, cfg.alpha)  # e^(−α/J_avg), eq. 8
+        factor = self.pull_factor()
         z_hat, was_pulled = layout.synthesize(z, factor)
         batch = tf.shape(z)[0]
         y_gen = tf.cast(self.generator_net(tf.concat([z, z_hat], axis=0), training=training), tf.float32)
@@ -235,8 +246,18 @@ class HDMLModel(keras.Model):
             # J_avg averages the already weighted J_m: main_npair.py feeds that value back.
             running={"j_avg": j_m_weighted, "j_gen": j_gen},
             diagnostics={"pull_factor": factor, "syn_weight": 1.0 - real_weight,
-                         "pulled_fraction": layout.pulled_fraction(was_pulled)},
-            was_pulled=was_pulled)
+                         "pulled_fraction": layout.pulled_fraction(was_pulled), "j_m_unweighted": j_m},
+            was_pulled=was_pulled, features=y)
+
+    def pull_factor(self) -> tf.Tensor:
+        """The pull factor of this step's augmentation (float32 scalar), as `config.pull` says: the paper's
+        e^(−α/J_avg) (eq. 8, "adaptive"), the constant `config.fixed_pull` ("fixed"), or 1 ("none": ẑ = z, the
+        generator only reconstructs the real negatives)."""
+        if self.config.pull == "none":
+            return tf.constant(1.0, tf.float32)
+        if self.config.pull == "fixed":
+            return tf.constant(self.config.fixed_pull, tf.float32)
+        return hardness.pull_factor(self.j_avg.value, self.config.alpha)
 
     def _route_specs(self):
         """(gradient name, loss key, optimizer attribute, network or None for backbone + head) of each route: the
@@ -269,6 +290,12 @@ class HDMLModel(keras.Model):
             routes = self._routes()
             scaled = {r.name: r.optimizer.scale_loss(step.losses[r.loss] * loss_factor) for r in routes}
         grads = {r.name: tape.gradient(scaled[r.name], r.variables) for r in routes}
+        if self.config.hdml:
+            # What each part of J_metric sends into the backbone: two small backward passes (head and generator
+            # only, the backbone's own backward pass is shared), for the per-step diagnostics.
+            for key, loss in (("grad_real_norm", "j_m"), ("grad_syn_norm", "j_syn")):
+                g = tape.gradient(step.losses[loss], step.features)
+                step.diagnostics[key] = tf.constant(0.0) if g is None else tf.norm(g)
         del tape
         return step, routes, grads, self._nonfinite_flags(step, grads), state
 
@@ -394,10 +421,15 @@ class HDMLModel(keras.Model):
         values = {**step.losses, **step.diagnostics, "j_avg": self.j_avg.value, "skipped_steps": self.skipped}
         if self.config.hdml:
             values["j_gen_avg"] = self.j_gen_avg.value
+        values = {key: tf.cast(values[key], tf.float32) for key in self._trackers}
+        self.last_step.assign(tf.stack(list(values.values())))
         for key, tracker in self._trackers.items():
-            value = tf.cast(values[key], tf.float32)
-            tracker.update_state(tf.where(tf.math.is_finite(value), value, 0.0))
+            tracker.update_state(tf.where(tf.math.is_finite(values[key]), values[key], 0.0))
         return {key: tracker.result() for key, tracker in self._trackers.items()}
+
+    def last_step_logs(self) -> Dict[str, float]:
+        """The last training step's own value of every logged key (eager; NaN where the step's value was NaN)."""
+        return dict(zip(self._trackers, (float(v) for v in keras.ops.convert_to_numpy(self.last_step))))
 
     def test_step(self, data):
         """J_m (with weight decay, without HDML) on a batch in the tuple layout; no update."""

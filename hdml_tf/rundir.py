@@ -3,6 +3,7 @@
     runs/demo/
       results.json             configuration, data counts, metrics of every scored network (`write_results`)
       history_<variant>.csv    per-epoch means of every logged quantity (`write_history`)
+      steps_<variant>.csv      every step's own logged values (`hdml_tf.diagnostics.StepLog`); steps_<variant>.png
       curves_<variant>.png     the training curves (`plot_curves`)
       <variant>.keras          the whole training model: weights, generator, classifier, running means and the three
                                optimizers (`save_keras`; `load_keras` resumes training from it)
@@ -82,6 +83,13 @@ class RunDir:
     def logs(self, variant: str) -> Path:
         return self.path / "logs" / variant
 
+    def steps(self, variant: str) -> Path:
+        """Every step's own logged values (`hdml_tf.diagnostics.StepLog`)."""
+        return self.path / f"steps_{variant}.csv"
+
+    def step_curves(self, variant: str) -> Path:
+        return self.path / f"steps_{variant}.png"
+
     # ---------------------------------------------------------------------------------------- writing
     def write_results(self, results: Dict) -> Path:
         """results.json (atomic)."""
@@ -107,6 +115,17 @@ class RunDir:
             return None
         plot_training_curves(str(self.history(variant)), str(self.curves(variant)))
         return self.curves(variant)
+
+    def plot_steps(self, variant: str) -> Optional[Path]:
+        """steps_<variant>.png from steps_<variant>.csv (None when matplotlib is missing or nothing was logged)."""
+        try:
+            from hdml_tf.diagnostics import plot_steps
+        except ImportError:  # pragma: no cover - plots are optional for a run
+            return None
+        if not self.steps(variant).exists():
+            return None
+        drawn = plot_steps(self.steps(variant), self.step_curves(variant), title=f"{variant}: every step")
+        return Path(drawn) if drawn else None
 
     def save_model(self, model, variant: str, *, image_size: int, resize: int, backbone: str) -> None:
         """<variant>.weights.h5 and <variant>.keras (with the run's geometry), each atomic."""
