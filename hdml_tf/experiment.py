@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig, RunConfig
 from hdml_tf.data.image_set import ImageSet
-from hdml_tf.evaluation.metrics import format_results
+from hdml_tf.evaluation.metrics import OFFICIAL_KMEANS_RESTARTS, clustering_protocol, format_results
 from hdml_tf.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,14 @@ def _per_worker_output(run: RunConfig, strategy) -> RunConfig:
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def evaluate_model(model, dataset: tf.data.Dataset, ks: Sequence[int], progress: bool = False) -> Dict[str, float]:
-    """NMI, F1, Recall@K, MAP@R of a model's embeddings of an evaluation dataset."""
+def evaluate_model(model, dataset: tf.data.Dataset, ks: Sequence[int], progress: bool = False,
+                   kmeans_restarts: int = OFFICIAL_KMEANS_RESTARTS) -> Dict[str, float]:
+    """NMI, F1 (official k-means protocol with `kmeans_restarts` restarts), Recall@K, MAP@R of a model's
+    embeddings of an evaluation dataset."""
     from hdml_tf.evaluation.embedding import embed_dataset
     from hdml_tf.evaluation.metrics import evaluate
     embeddings, labels = embed_dataset(model, dataset, progress=progress)
-    return evaluate(embeddings, labels, recall_ks=_fitting_ks(ks, labels))
+    return evaluate(embeddings, labels, recall_ks=_fitting_ks(ks, labels), n_init=kmeans_restarts)
 
 
 #: Raw pixels are clustered in this many principal components (k-means in 12,288-d pixel space took ~60 s for the
@@ -126,7 +128,8 @@ def evaluate_model(model, dataset: tf.data.Dataset, ks: Sequence[int], progress:
 RAW_PIXEL_CLUSTER_DIMS = 256
 
 
-def evaluate_raw_pixels(dataset: tf.data.Dataset, ks: Sequence[int]) -> Dict[str, float]:
+def evaluate_raw_pixels(dataset: tf.data.Dataset, ks: Sequence[int],
+                        kmeans_restarts: int = OFFICIAL_KMEANS_RESTARTS) -> Dict[str, float]:
     """The same metrics with the flattened, centred, L2-normalized pixels as the embedding (what training must beat).
 
     Recall@K and MAP@R use the full pixel vectors; NMI and F1 cluster their projection on the leading
@@ -145,7 +148,7 @@ def evaluate_raw_pixels(dataset: tf.data.Dataset, ks: Sequence[int]) -> Dict[str
     results = evaluate(embeddings, labels, recall_ks=_fitting_ks(ks, labels), clustering=False)
     dims = min(RAW_PIXEL_CLUSTER_DIMS, embeddings.shape[1], len(embeddings))
     projected = PCA(n_components=dims, random_state=0).fit_transform(embeddings)
-    results["nmi"], results["f1"] = nmi_f1(projected, labels)
+    results["nmi"], results["f1"] = nmi_f1(projected, labels, n_init=kmeans_restarts)
     return results
 
 
@@ -283,14 +286,14 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     ks = run.ks()
     results = {"run": dataclasses.asdict(run), "method": dataclasses.asdict(hdml),
                "optim": dataclasses.asdict(optim), "test": {}}
-    results["test"]["raw_pixels"] = evaluate_raw_pixels(test_ds, ks)
+    results["test"]["raw_pixels"] = evaluate_raw_pixels(test_ds, ks, run.kmeans_restarts)
     variants = [("hdml" if hdml.hdml else "baseline", hdml)]
     if compare_baseline and hdml.hdml:
         variants.append(("baseline", dataclasses.replace(hdml, hdml=False)))
     for name, cfg in variants:
         model = build_model(run, cfg, optim, train.num_classes)
         if "untrained" not in results["test"]:
-            results["test"]["untrained"] = evaluate_model(model, test_ds, ks)
+            results["test"]["untrained"] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts)
         printer(f"training {name}: {cfg.loss} loss, {run.backbone}, batch {run.batch_size}, {run.steps} steps")
         selector = _evaluation_callback(run, name, val if val is not None else test, out)
         from hdml_tf.diagnostics import StepLog
@@ -298,7 +301,7 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
         start = time.time()
         history = fit(model, run, cfg, train, ([selector] if selector else []) + [step_log] + list(callbacks))
         seconds = time.time() - start
-        results["test"][name] = evaluate_model(model, test_ds, ks)
+        results["test"][name] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts)
         results.setdefault("train_seconds", {})[name] = round(seconds, 1)
         out.write_history(name, history.history)
         out.plot_curves(name)
@@ -307,11 +310,12 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
         out.save_model(model, name, image_size=geometry.crop, resize=geometry.resize, backbone=run.backbone)
         if selector is not None and selector.best is not None:
             _score_selected(model, run, name, selector, test_ds, ks, results, out)
+    results["clustering_protocol"] = clustering_protocol(test.num_classes, n_init=run.kmeans_restarts)
     out.write_results(results)
     rows = dict(results["test"])
     for name in results.get("selection", {}):  # the last checkpoint is named as such
         rows = {(f"{k} (last)" if k == name else k): v for k, v in rows.items()}
-    printer(format_results(rows))
+    printer(format_results(rows, protocol=results["clustering_protocol"]))
     return results
 
 
@@ -327,7 +331,7 @@ def _evaluation_callback(run: RunConfig, name: str, image_set: ImageSet, out: Ru
                           f"images; Recall@K needs K < that")
     return EvaluationCallback(
         eval_dataset(run, image_set), every_n_epochs=run.eval_every_epochs, monitor=monitor, recall_ks=ks,
-        seed=run.seed, best_weights_path=str(out.best_weights(name)), csv_path=str(out.eval_csv(name)),
+        n_init=run.kmeans_restarts, best_weights_path=str(out.best_weights(name)), csv_path=str(out.eval_csv(name)),
         log_dir=str(out.logs(name)), summary_path=str(out.eval_json(name)), verbose=int(run.verbose > 0))
 
 
@@ -340,7 +344,7 @@ def _score_selected(model, run: RunConfig, name: str, selector, test_ds, ks, res
         results["test"][row] = dict(results["test"][name])  # the last checkpoint is the selected one
     else:
         model.load_weights(selector.best_weights_path)
-        results["test"][row] = evaluate_model(model, test_ds, ks)
+        results["test"][row] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts)
         model.load_weights(str(out.weights(name)))
     results.setdefault("selection", {})[name] = {
         "monitor": monitor, "on": "validation" if run.validation_fraction > 0 else "test",

@@ -169,6 +169,10 @@ class ClassDraws:
         """For each class [n], a class drawn uniformly among the other classes → [n]."""
         raise NotImplementedError
 
+    def distinct_others(self, taken, seed) -> tf.Tensor:  # pragma: no cover - interface
+        """As many classes as `taken` [n], distinct, none of them in `taken`, uniformly without replacement → [n]."""
+        raise NotImplementedError
+
     def any_classes(self, n: int, seed) -> tf.Tensor:  # pragma: no cover - interface
         """[n] classes drawn uniformly (with replacement) among all classes."""
         raise NotImplementedError
@@ -255,6 +259,9 @@ class NPair(Layout):
 class Triplet(Layout):
     """Triplets: rows 0..T−1 anchors, T..2T−1 positives (same class as the anchor), 2T..3T−1 negatives.
 
+    As the official TripletLossScheme, a batch holds 2T distinct classes: T anchor classes (>= 2 images each) and T
+    other classes, one negative each.
+
     Synthesis pulls negative t towards anchor t (d⁺ from positive t): ẑ = [anchors; positives; pulled negatives].
 
     Args:
@@ -284,11 +291,11 @@ class Triplet(Layout):
         s = batch_seeds(seed, 4)
         anchor_classes = draws.distinct_classes(n, s[0])
         first, second = draws.two_rows(anchor_classes, s[1])
-        negatives = draws.one_row(draws.other_classes(anchor_classes, s[2]), s[3])
+        negatives = draws.one_row(draws.distinct_others(anchor_classes, s[2]), s[3])
         return tf.concat([first, second, negatives], 0)
 
     def min_classes(self, n):
-        return n, 2
+        return n, 2 * n
 
 
 # --------------------------------------------------------------------------------------------------- contrastive

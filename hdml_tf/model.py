@@ -74,16 +74,18 @@ class Route(NamedTuple):
 
 
 def make_optimizers(optim: OptimConfig = OptimConfig(), hdml: bool = True) -> Dict[str, keras.optimizers.Optimizer]:
-    """Three Adam optimizers with the official learning rates; the metric one follows the step schedule."""
+    """Three Adam optimizers with the official learning rates and epsilon; the metric one follows the step
+    schedule."""
     lr = optim.learning_rate
     if optim.decay_steps:
         values = [lr * optim.decay_factor ** i for i in range(len(optim.decay_steps) + 1)]
         lr = keras.optimizers.schedules.PiecewiseConstantDecay(list(optim.decay_steps), values)
-    optimizers = {"metric_optimizer": keras.optimizers.Adam(lr, name="metric_adam")}
+    eps = optim.adam_epsilon
+    optimizers = {"metric_optimizer": keras.optimizers.Adam(lr, epsilon=eps, name="metric_adam")}
     if hdml:
-        optimizers["generator_optimizer"] = keras.optimizers.Adam(optim.generator_learning_rate,
+        optimizers["generator_optimizer"] = keras.optimizers.Adam(optim.generator_learning_rate, epsilon=eps,
                                                                   name="generator_adam")
-        optimizers["classifier_optimizer"] = keras.optimizers.Adam(optim.classifier_learning_rate,
+        optimizers["classifier_optimizer"] = keras.optimizers.Adam(optim.classifier_learning_rate, epsilon=eps,
                                                                    name="classifier_adam")
     return optimizers
 

@@ -160,3 +160,40 @@ def test_embed_dataset_and_evaluate_image_set():
     callback.set_model(model)
     assert callback.evaluate_now()["recall@8"] == pytest.approx(
         evaluate_image_set(model, image_set, progress=False)["recall@8"])
+
+
+def test_nmi_f1_follow_the_official_protocol_and_the_table_says_so(tmp_path, capsys):
+    """Default: k-means with k = the number of classes, best of 10 restarts, random_state 1 (official
+    evaluate_cluster); --kmeans_restarts / n_init=1 is named as not official in the printed table and the JSON."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from hdml_tf.evaluation import metrics
+
+    model = _tiny_model()
+    callback = EvaluationCallback(_eval_dataset(), recall_ks=(1,), summary_path=str(tmp_path / "s.json"), verbose=1)
+    callback.set_model(model)
+    row = callback.evaluate_now()
+    embeddings, labels = embed_dataset(model, _eval_dataset(), progress=False)
+    official = KMeans(n_clusters=5, n_init=10, random_state=1).fit_predict(embeddings)
+    assert row["nmi"] == normalized_mutual_info_score(labels, official)
+    assert row["f1"] == metrics.pairwise_f1(labels, official)
+    callback.on_train_end()
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == "NMI/F1: k-means, best of 10 restarts, random_state 1, k = 5 (official protocol)"
+    assert json.loads((tmp_path / "s.json").read_text())["clustering_protocol"] == printed[-1]
+
+    quick = EvaluationCallback(_eval_dataset(), recall_ks=(1,), n_init=1, verbose=0)
+    quick.set_model(model)
+    one_run = KMeans(n_clusters=5, n_init=1, random_state=1).fit_predict(embeddings)
+    assert quick.evaluate_now()["nmi"] == normalized_mutual_info_score(labels, one_run)
+    assert quick.protocol().startswith("NMI/F1: k-means, 1 run, random_state 1, k = 5 (not the official protocol")
+
+
+def test_run_config_kmeans_restarts():
+    from hdml_tf.config import ConfigError
+    from hdml_tf.experiment import RunConfig
+
+    assert RunConfig(dataset="digits").kmeans_restarts == 10
+    with pytest.raises(ConfigError, match="kmeans_restarts=0 must be >= 1"):
+        RunConfig(dataset="digits", kmeans_restarts=0)

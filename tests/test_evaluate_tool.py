@@ -87,7 +87,10 @@ def test_tool_matches_in_process_metrics_and_writes_plots(trained, tmp_path):
 
     model = load_keras(str(out / "hdml.keras"), compile=False)
     embeddings, labels = embed_dataset(model, eval_dataset(run, load_splits(run)[1]), progress=False)
-    expected = evaluate(embeddings, labels, (1, 2, 4, 8), kmeans="auto", seed=0)
+    expected = evaluate(embeddings, labels, (1, 2, 4, 8))  # the official k-means protocol is the default
+    assert report["clustering_protocol"] == ("NMI/F1: k-means, best of 10 restarts, random_state 1, k = 5 "
+                                             "(official protocol)")
+    assert report["clustering_protocol"] in result.stdout.splitlines()
     assert set(report["metrics"]) == set(expected)
     for key, value in expected.items():
         assert report["metrics"][key] == pytest.approx(value, abs=1e-6), key

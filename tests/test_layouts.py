@@ -106,7 +106,7 @@ def test_unregistered_layout_is_one_clear_error(toy_layout):
 def test_each_layout_splits_samples_and_synthesizes_consistently(loss, parts):
     layout = layouts.get(loss)
     assert layout.size == parts == len(layout.parts)
-    images, labels = layout_batch(loss, tuples=5)
+    images, labels = layout_batch(loss, tuples=5, num_classes=12)
     assert len(labels) == 5 * parts
     z = tf.math.l2_normalize(tf.random.stateless_normal([len(labels), 6], [1, 2]), -1)
     z_hat, was_pulled = layout.synthesize(z, tf.constant(0.5))

@@ -168,7 +168,8 @@ def test_tuple_layout(loss, batch_size):
             a, p, neg = slice(0, t), slice(t, 2 * t), slice(2 * t, 3 * t)
             assert len(set(labels[a])) == t
             np.testing.assert_array_equal(labels[a], labels[p])
-            assert (rows[a] != rows[p]).all() and (labels[a] != labels[neg]).all()
+            assert (rows[a] != rows[p]).all()
+            assert len(set(labels[a]) | set(labels[neg])) == 2 * t  # 2T distinct classes (official)
         else:
             q = batch_size // 4
             blocks = [slice(i * q, (i + 1) * q) for i in range(4)]
@@ -178,15 +179,51 @@ def test_tuple_layout(loss, batch_size):
 
 
 def test_singleton_classes_are_never_anchors(caplog):
-    image_set = _coded_set(classes=6, singleton=True)
+    image_set = _coded_set(classes=8, singleton=True)
     with caplog.at_level(logging.WARNING):
         ds = pipeline.make_train_dataset(image_set, "triplet", 12, Augment(8, 8, False), seed=0, verbose=0)
-    assert "1 of 7 classes have a single image" in caplog.text
+    assert "1 of 9 classes have a single image" in caplog.text
     negatives = []
     for _, labels in _take(ds, 30):
-        assert 6 not in labels[:8]
+        assert 8 not in labels[:8]
         negatives.extend(labels[8:])
-    assert 6 in negatives  # still used as a negative
+    assert 8 in negatives  # still used as a negative
+
+
+def test_triplet_sampler_draws_2t_distinct_classes_in_every_batch_of_a_long_stream():
+    """As the official TripletLossScheme: T anchor classes and T negative classes, 2T distinct classes per batch;
+    a singleton class never anchors but may be a negative. Checked on every one of 600 consecutive batches."""
+    classes, t, steps = 11, 5, 600
+    labels = np.append(np.repeat(np.arange(classes - 1), [2, 3, 4, 5, 2, 3, 4, 5, 2, 3]), classes - 1)  # + singleton
+    sampler = pipeline.TupleSampler(labels, "triplet", 3 * t, seed=7)
+    batches = np.stack([b.numpy() for b in tf.data.Dataset.range(steps).map(sampler.indices)])  # [steps, 3T]
+    assert batches.shape == (steps, 3 * t)
+    anchor, positive, negative = batches[:, :t], batches[:, t:2 * t], batches[:, 2 * t:]
+    a_cls, p_cls, n_cls = labels[anchor], labels[positive], labels[negative]
+    for step in range(steps):
+        assert len(set(a_cls[step])) == t, step                                   # T distinct anchor classes
+        assert len(set(n_cls[step])) == t, step                                   # T distinct negative classes
+        assert not set(a_cls[step]) & set(n_cls[step]), step                       # 2T distinct classes in all
+    np.testing.assert_array_equal(a_cls, p_cls)
+    assert (anchor != positive).all()
+    assert classes - 1 not in a_cls and classes - 1 in n_cls                      # the singleton: negative only
+    # Anchors uniform over the 10 eligible classes, negatives uniform over the 6 classes left: an eligible class is
+    # a negative with probability (1 - 5/10) * 5/6 = 5/12 per batch (250 of 600), the singleton with 5/6 (500).
+    # The seed is fixed, so the 15% bound is a fact about this stream, not a flaky statistic.
+    counts = np.bincount(n_cls.ravel(), minlength=classes)
+    expected = np.array([steps * 5 / 12] * (classes - 1) + [steps * 5 / 6])
+    assert (np.abs(counts - expected) < 0.15 * expected).all(), counts
+    again = np.stack([b.numpy() for b in tf.data.Dataset.range(steps).map(sampler.indices)])
+    np.testing.assert_array_equal(again, batches)                                # a pure function of (seed, step)
+
+
+def test_triplet_needs_2t_classes_one_line_error():
+    with pytest.raises(DataError) as err:
+        pipeline.make_train_dataset(_coded_set(classes=9), "triplet", 15, Augment(8, 6), verbose=0)
+    message = str(err.value)
+    assert "batch_size=15 (triplet) needs 10 distinct classes" in message and "only 9 have images" in message
+    assert "use batch_size <= 12" in message and "\n" not in message
+    pipeline.make_train_dataset(_coded_set(classes=10), "triplet", 15, Augment(8, 6), verbose=0)  # 10 suffice
 
 
 @pytest.mark.parametrize("loss,batch_size,match", [

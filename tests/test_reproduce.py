@@ -264,11 +264,15 @@ def test_dockerfile_base_user_entrypoint_volumes():
 # ------------------------------------------------------------------------------------------------ configs
 OFFICIAL = {
     "all": {"backbone": "inception_v1_caffe", "image_size": 227, "resize": 256, "steps": 8000,
-            "lr_decay_steps": ["5632", "6848"], "lr_decay_factor": 0.5, "gen_lambda": 0.5,
+            "lr_decay_factor": 0.5, "gen_lambda": 0.5, "adam_epsilon": 1e-8, "kmeans_restarts": 10,
             "generator_learning_rate": 1e-2, "classifier_learning_rate": 1e-3, "softmax_factor": 1e4,
             "alpha": 90.0},
-    "cars196": {"embedding_size": 128, "learning_rate": 7e-5, "weight_decay": 5e-3, "npair_l2": 3e-3, "beta": 1e4},
-    "cub200": {"embedding_size": 256, "learning_rate": 6e-5, "weight_decay": 1e-3, "npair_l2": 1.5e-2, "beta": 5e3},
+    "cars196": {"embedding_size": 128, "learning_rate": 7e-5, "weight_decay": 5e-3, "npair_l2": 3e-3, "beta": 1e4,
+                "lr_decay_steps": ["5632", "6848"]},
+    # CUB: constant rate (the official halving never fires with CUB's evaluation interval; configs/README.md)
+    "cub200": {"embedding_size": 256, "learning_rate": 6e-5, "weight_decay": 1e-3, "npair_l2": 1.5e-2, "beta": 5e3,
+               "lr_decay_steps": []},
+    "sop": {"lr_decay_steps": ["5632", "6848"]},
     "npair": {"batch_size": 128},
     "triplet": {"batch_size": 120},
 }
@@ -328,14 +332,33 @@ def test_hdml_and_baseline_configs_differ_only_in_hdml_and_output(parsed_configs
             assert differ == {"hdml", "output_dir"}, (name, differ)
 
 
+def test_cub_schedule_variants_change_only_the_schedule(parsed_configs):
+    """The other candidate CUB schedule is one flagfile away: each _decay variant is its row plus the halving."""
+    variants = {name for name in parsed_configs if "_decay" in name}
+    assert variants == {"cub200_npair_decay", "cub200_npair_decay_baseline", "cub200_triplet_decay",
+                        "cub200_triplet_decay_baseline"}
+    for name in variants:
+        base = parsed_configs[name.replace("_decay", "")]
+        values = parsed_configs[name]
+        assert values["lr_decay_steps"] == ["5632", "6848"] and base["lr_decay_steps"] == []
+        assert values["output_dir"] == f"runs/{name}"
+        assert {k for k in values if values[k] != base.get(k)} == {"lr_decay_steps", "output_dir"}, name
+    assert "schedule" in (CONFIGS / "README.md").read_text()
+
+
 def test_open_choices_are_justified_in_the_configs():
     for path in CONFIGS.glob("*.cfg"):
         text = path.read_text()
         comments = " ".join(line for line in text.splitlines() if line.startswith("#"))
+        if "_decay" in path.name:  # a schedule variant: its row's flagfile, included, carries the comments
+            assert "configs/README.md" in comments, path.name
+            continue
         if "triplet" in path.name:
             assert "alpha for triplet" in comments, path.name
         if path.name.startswith("sop_"):
             assert "Stanford Online Products" in comments and "our choice" in comments, path.name
+        if path.name.startswith("cub200_") and "_decay" not in path.name:
+            assert "configs/README.md" in comments and "constant learning rate" in comments, path.name
 
 
 def test_configs_build_the_library_configs(tmp_path):
@@ -351,7 +374,12 @@ def test_configs_build_the_library_configs(tmp_path):
             FLAGS(["train.py", "--flagfile=" + path, "--data_dir=" + sys.argv[2]])
             run, hdml, optim = common_flags.configs_from_flags()
             if run.dataset in ("cub200", "cars196", "sop"):
-                assert run.crop_size() == 227 and optim.decay_steps == (5632, 6848), path
+                halving = run.dataset != "cub200" or "_decay" in path
+                assert run.crop_size() == 227 and optim.decay_steps == ((5632, 6848) if halving else ()), path
+                assert optim.adam_epsilon == 1e-8 and run.kmeans_restarts == 10, path
+                from hdml_tf.model import make_optimizers
+                eps = {o.epsilon for o in make_optimizers(optim, hdml=hdml.hdml).values()}
+                assert eps == {1e-8}, (path, eps)
             print(path, run.dataset, hdml.loss, hdml.hdml, run.batch_size)
     """)
     paths = sorted(str(p) for p in CONFIGS.glob("*.cfg"))

@@ -15,21 +15,21 @@ median of the per-round ratios (paired blocks of the same round). On a shared CP
 process's CPU time) is steadier than wall time. On a small CPU, XLA's compilation of the train step takes minutes:
 `--xla=false` skips it.
 
-Peak memory: on a GPU, `tf.config.experimental.get_memory_info` peak over each variant's blocks (statistics reset
-before every block); on a CPU, the process's max RSS (`resource.getrusage`), which is process-wide and only grows, so
-its per-variant value is the max RSS after that variant's warm-up (variants warm up in the order listed).
+Peak memory: on a GPU, `tf.config.experimental.get_memory_info` peak over each variant's timed blocks (statistics
+reset before every block; `warmup_peak_bytes` is the warm-up's own peak, autotuning scratch included); on a CPU,
+the process's max RSS (`resource.getrusage`), which is process-wide and only grows, so its per-variant value is the
+max RSS after that variant's warm-up (variants warm up in the order listed).
 
 `--breakdown` (on by default) times the pieces HDML adds after the backbone, each forward + backward on its own:
 the pulling of the N x N synthetic negatives (eq. 8), the generator on B + N^2 rows, the second metric-head pass on
 the synthetic rows, the classifier on them (J_soft), against the backbone's forward + backward. The JSON is printed
-and, with `--output`, written.
+and, with `--output`, written. The timing itself lives in `hdml_tf.benchmarking` (shared with
+tools/benchmark_input.py and tools/gpu_check.py).
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from absl import app, flags  # noqa: E402
 
 import common_flags  # noqa: E402  (run_main: one-line errors)
+from hdml_tf import benchmarking  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("backbone", "inception_v1_caffe", ["inception_v1_caffe", "inception_v1_slim", "resnet50"],
@@ -64,139 +65,24 @@ flags.DEFINE_string("output", "", "JSON file to write (the JSON is printed eithe
 TARGET_RATIO = 1.10
 
 
-# ------------------------------------------------------------------------------------------------ inputs
-def make_batch(loss: str, batch_size: int, image_size: int, num_classes: int, seed: int):
-    """A random batch (float32 [B, S, S, 3] in 0..255, int32 [B] labels) in the tuple layout of `loss`."""
-    import numpy as np
-    import tensorflow as tf
-
-    from hdml_tf.config import ConfigError, HDMLConfig
-    HDMLConfig(loss=loss).layout().check_batch_size(batch_size)
-    rng = np.random.default_rng(seed)
-    images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype(np.float32)
-    if loss == "npair":
-        n = batch_size // 2
-        labels = np.concatenate([np.arange(n), np.arange(n)])
-    elif loss == "triplet":
-        t = batch_size // 3
-        labels = np.concatenate([np.arange(t), np.arange(t), np.arange(1, t + 1)])
-    else:
-        p = batch_size // 4
-        labels = np.concatenate([np.arange(p), np.arange(p), np.arange(p), np.arange(1, p + 1)])
-    if labels.max() >= num_classes:
-        raise ConfigError(f"batch_size={batch_size} needs {labels.max() + 1} classes in the {loss} layout but "
-                          f"--num_classes={num_classes}")
-    return tf.constant(images), tf.constant(labels.astype(np.int32))
-
-
-# ------------------------------------------------------------------------------------------------ memory
-def _gpu() -> str | None:
-    import tensorflow as tf
-    return "GPU:0" if tf.config.list_physical_devices("GPU") else None
-
-
-def _reset_peak(device):
-    import tensorflow as tf
-    if device:
-        tf.config.experimental.reset_memory_stats(device)
-
-
-def _memory(device) -> dict:
-    """{'peak_bytes', 'current_bytes'} of the GPU, or {'max_rss_bytes'} of this process on a CPU."""
-    import tensorflow as tf
-    if device:
-        info = tf.config.experimental.get_memory_info(device)
-        return {"peak_bytes": int(info["peak"]), "current_bytes": int(info["current"])}
-    return {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 # ------------------------------------------------------------------------------------------------ variants
-class Variant:
-    """One model (method x jit_compile) and its timings."""
-
-    def __init__(self, method: str, xla: bool):
-        self.method, self.xla = method, xla
-        self.name = f"{method}{'_xla' if xla else ''}"
-        self.model = None
-        self.error = None
-        self.blocks = []  # (wall seconds per step, cpu seconds per step) per round
-        self.memory = {}
-        self.compile_seconds = None
-
-    def build(self, batch):
+def make_variant(method: str, xla: bool) -> benchmarking.TimedVariant:
+    """One model (method x jit_compile) with the flags' backbone, loss, sizes and seed."""
+    def build():
         import keras
 
         from hdml_tf.backbones import build_backbone
         from hdml_tf.config import HDMLConfig
         from hdml_tf.model import HDMLModel, make_optimizers
         keras.utils.set_random_seed(FLAGS.seed)
-        config = HDMLConfig(loss=FLAGS.loss, embedding_size=FLAGS.embedding_size, hdml=self.method == "hdml")
-        backbone = build_backbone(FLAGS.backbone, FLAGS.image_size)
-        self.model = HDMLModel(backbone, FLAGS.num_classes, config)
+        config = HDMLConfig(loss=FLAGS.loss, embedding_size=FLAGS.embedding_size, hdml=method == "hdml")
+        model = HDMLModel(build_backbone(FLAGS.backbone, FLAGS.image_size), FLAGS.num_classes, config)
         # HDMLModel.compile passes jit_compile through to keras.Model.compile.
-        self.model.compile(**make_optimizers(hdml=config.hdml), jit_compile=self.xla)
+        model.compile(**make_optimizers(hdml=config.hdml), jit_compile=xla)
+        return model
 
-    def step(self, batch, n: int):
-        logs = None
-        for _ in range(n):
-            logs = self.model.train_on_batch(*batch, return_dict=True)
-        return float(logs["loss"])  # python floats: the last step has finished
-
-    def warm_up(self, batch, device):
-        _reset_peak(device)
-        start = time.perf_counter()
-        try:
-            self.build(batch)
-            self.step(batch, max(1, FLAGS.warmup))
-        except Exception as e:  # e.g. an op XLA cannot compile: report it, time the other variants
-            self.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
-            self.model = None
-            return
-        self.compile_seconds = round(time.perf_counter() - start, 2)
-        self.memory = _memory(device)
-        if not device:
-            self.memory = {"max_rss_after_warmup_bytes": self.memory["max_rss_bytes"]}
-
-    def time_block(self, batch, device):
-        if self.model is None:
-            return
-        _reset_peak(device)
-        before = _memory(device) if device else {}
-        cpu, wall = _cpu_seconds(), time.perf_counter()
-        self.step(batch, FLAGS.steps)
-        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-        self.blocks.append((wall / FLAGS.steps, cpu / FLAGS.steps))
-        if device:
-            after = _memory(device)
-            self.memory["peak_bytes"] = max(self.memory.get("peak_bytes", 0), after["peak_bytes"])
-            self.memory["step_bytes"] = max(self.memory.get("step_bytes", 0),
-                                            after["peak_bytes"] - before["current_bytes"])
-
-    def summary(self) -> dict:
-        if self.error:
-            return {"method": self.method, "jit_compile": self.xla, "error": self.error}
-        walls = [w for w, _ in self.blocks]
-        step = statistics.median(walls)
-        return {"method": self.method, "jit_compile": self.xla,
-                "step_seconds": round(step, 4), "images_per_s": round(FLAGS.batch_size / step, 2),
-                "cpu_seconds_per_step": round(statistics.median(c for _, c in self.blocks), 4),
-                "block_step_seconds": [round(w, 4) for w in walls],
-                "warmup_and_compile_seconds": self.compile_seconds, "memory": self.memory}
-
-
-def paired_ratio(hdml: Variant, base: Variant):
-    """Median over rounds of HDML's block step time / the baseline's in the same round (wall and CPU time)."""
-    if hdml.error or base.error or not hdml.blocks:
-        return None
-    wall = statistics.median(h[0] / b[0] for h, b in zip(hdml.blocks, base.blocks))
-    cpu = statistics.median(h[1] / b[1] for h, b in zip(hdml.blocks, base.blocks))
-    return {"wall": round(wall, 3), "cpu": round(cpu, 3), "target": TARGET_RATIO,
-            "meets_target": wall <= TARGET_RATIO}
+    return benchmarking.TimedVariant(f"{method}{'_xla' if xla else ''}", build, FLAGS.batch_size, method=method,
+                                     jit_compile=xla)
 
 
 # ------------------------------------------------------------------------------------------------ breakdown
@@ -320,26 +206,6 @@ def breakdown(batch, xla: bool) -> dict:
     return result
 
 
-# ------------------------------------------------------------------------------------------------ machine
-def machine() -> dict:
-    import keras
-    import tensorflow as tf
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpus = []
-    for d in tf.config.list_physical_devices("GPU"):
-        details = tf.config.experimental.get_device_details(d)
-        gpus.append({"name": details.get("device_name", d.name), "compute_capability":
-                     details.get("compute_capability")})
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_cores": os.cpu_count(), "gpus": gpus,
-            "tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version(),
-            "load_average_start": [round(x, 2) for x in os.getloadavg()]}
-
-
 def run() -> dict:
     from hdml_tf.config import ConfigError
     for name, low in (("batch_size", 1), ("steps", 1), ("rounds", 1), ("warmup", 0), ("image_size", 32)):
@@ -359,45 +225,39 @@ def run() -> dict:
     result = {"settings": {k: FLAGS[k].value for k in ("backbone", "loss", "batch_size", "image_size",
                                                          "embedding_size", "num_classes", "steps", "rounds",
                                                          "warmup", "seed")},
-              "machine": machine()}
+              "machine": benchmarking.describe_machine()}
     if FLAGS.loss == "npair":
         n = FLAGS.batch_size // 2
         result["settings"]["layout"] = f"{n} anchors x {n} synthetic negatives each ({n * n} synthetic rows)"
-    device = _gpu()
+    device = benchmarking.accelerator()
     result["memory_source"] = ("tf.config.experimental.get_memory_info (GPU:0), statistics reset per block" if device
                                else "resource.getrusage max RSS of the process (process-wide, only grows)")
-    batch = make_batch(FLAGS.loss, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.seed)
+    batch = benchmarking.make_batch(FLAGS.loss, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.seed)
     if device:  # keep the batch in GPU memory: no host-to-device copy inside the timed steps
         with tf.device(device):
             batch = tuple(tf.identity(t) for t in batch)
 
-    variants = [Variant(m, x) for x in xla_values for m in methods]
+    variants = [make_variant(m, x) for x in xla_values for m in methods]
     for v in variants:
         print(f"warm-up {v.name} ...", file=sys.stderr, flush=True)
-        v.warm_up(batch, device)
+        v.warm_up(batch, device, max(1, FLAGS.warmup))
         if v.error:
             print(f"  {v.name} failed: {v.error}", file=sys.stderr)
-    live = [v for v in variants if v.model is not None]
-    for v in live:  # one untimed interleaved step each: the first block after another model's steps runs slow
-        v.step(batch, 1)
-    for r in range(FLAGS.rounds):
-        order = live[r % len(live):] + live[:r % len(live)] if live else []
-        for v in order:
-            v.time_block(batch, device)
-        print(f"round {r + 1}/{FLAGS.rounds}: " + ", ".join(f"{v.name} {v.blocks[-1][0]:.3f} s/step" for v in order),
-              file=sys.stderr, flush=True)
+    benchmarking.time_interleaved(variants, batch, device, FLAGS.steps, FLAGS.rounds,
+                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
 
     result["variants"] = {v.name: v.summary() for v in variants}
-    by_key = {(v.method, v.xla): v for v in variants}
+    by_key = {(v.tags["method"], v.tags["jit_compile"]): v for v in variants}
     ratios, speedups = {}, {}
     for x in xla_values:
         if ("hdml", x) in by_key and ("baseline", x) in by_key:
-            ratios["xla" if x else "no_xla"] = paired_ratio(by_key[("hdml", x)], by_key[("baseline", x)])
+            ratios["xla" if x else "no_xla"] = benchmarking.paired_ratio(
+                by_key[("hdml", x)], by_key[("baseline", x)], target=TARGET_RATIO)
     for m in methods:
         off, on = by_key.get((m, False)), by_key.get((m, True))
-        if off and on and not off.error and not on.error:
-            speedup = statistics.median(o[0] / x[0] for o, x in zip(off.blocks, on.blocks))
-            speedups[m] = {"xla_speedup": round(speedup, 3), "use_xla": speedup > 1.0}
+        speedup = benchmarking.paired_ratio(off, on) if off and on else None  # XLA-off time / XLA-on time
+        if speedup:
+            speedups[m] = {"xla_speedup": speedup["wall"], "use_xla": speedup["wall"] > 1.0}
     result["hdml_over_baseline_step_time"] = ratios
     result["xla"] = speedups
     if FLAGS.breakdown and "hdml" in methods:
@@ -405,7 +265,7 @@ def run() -> dict:
         for x in xla_values:
             print(f"breakdown (jit_compile={x}) ...", file=sys.stderr, flush=True)
             result["breakdown"]["xla" if x else "no_xla"] = breakdown(batch, x)
-    result["memory_at_end"] = _memory(device)
+    result["memory_at_end"] = benchmarking.memory_info(device)
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
 
@@ -418,9 +278,7 @@ def main(argv):
     text = json.dumps(result, indent=2)
     print(text)
     if FLAGS.output:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-        with open(FLAGS.output, "w") as f:
-            f.write(text + "\n")
+        benchmarking.write_json_atomic(FLAGS.output, result)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,24 @@
 The pipeline is timed alone (batches pulled as fast as possible, after `--warmup` batches). The train step is timed
 on one fixed batch already in memory (`HDMLModel.train_on_batch`, after `--model_warmup` calls, so tracing is
 excluded). `ratio` = cached pipeline images/s / train step images/s; the issue's target is >= 2. Results are printed
-and written as JSON (`--json_out`).
+and written as JSON (`--json_out`). The timing functions live in `hdml_tf.benchmarking` (shared with tools/benchmark.py
+and tools/gpu_check.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+
+import common_flags  # noqa: E402  (parse_flags, run_main: one-line errors, exit code 2)
+from hdml_tf import benchmarking  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cub200_subset"
@@ -45,58 +50,19 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("json_out", str(REPO / "runs" / "benchmark_input.json"), "Where the results are written.")
 
 
-def _generated_folder(root: Path, classes: int = 16, per_class: int = 24) -> Path:
-    """Writes classes x per_class JPEGs (320x400, smooth random patterns) as a class-folder tree."""
-    import numpy as np
-    import tensorflow as tf
-
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        folder = root / f"class_{c:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            small = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
-            image = tf.cast(tf.image.resize(small, [320, 400]), tf.uint8)
-            tf.io.write_file(str(folder / f"{i:03d}.jpg"), tf.io.encode_jpeg(image, quality=90))
-    return root
-
-
-def _time_pipeline(dataset, batch_size: int, warmup: int, steps: int) -> dict:
-    iterator = iter(dataset)
-    for _ in range(warmup):
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(steps):
-        images, _ = next(iterator)
-    _ = images.numpy()  # the batch is materialized
-    seconds = time.perf_counter() - start
-    return {"images_per_s": round(steps * batch_size / seconds, 1), "seconds": round(seconds, 3),
-            "steps": steps}
-
-
-def _time_model(train, batch, num_classes: int, crop: int) -> dict:
+def _time_model(batch, num_classes: int, crop: int) -> dict:
     """images/s of HDMLModel.train_on_batch on `batch`, or {'error': ...} when the model cannot run."""
-    try:
-        from hdml_tf.backbones import build_backbone
-        from hdml_tf.config import HDMLConfig
-        from hdml_tf.model import HDMLModel
-    except ImportError as e:
-        return {"error": f"hdml_tf.model.HDMLModel is not importable yet ({e})"}
-    images, labels = batch
+    from hdml_tf.backbones import build_backbone
+    from hdml_tf.config import HDMLConfig
+    from hdml_tf.model import HDMLModel
     try:
         model = HDMLModel(build_backbone(FLAGS.backbone, crop), num_classes, HDMLConfig(loss=FLAGS.loss))
         model.compile()
-        for _ in range(FLAGS.model_warmup):
-            model.train_on_batch(images, labels)
-        start = time.perf_counter()
-        for _ in range(FLAGS.model_steps):
-            logs = model.train_on_batch(images, labels, return_dict=True)
-        float(logs["loss"])  # waits for the last step
-        seconds = time.perf_counter() - start
+        timing = benchmarking.time_train_steps(model, batch, FLAGS.model_warmup, FLAGS.model_steps)
     except Exception as e:  # report and keep the pipeline numbers
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-    return {"images_per_s": round(FLAGS.model_steps * len(labels) / seconds, 1), "seconds": round(seconds, 3),
-            "steps": FLAGS.model_steps, "backbone": FLAGS.backbone}
+    timing.pop("step_seconds")
+    return dict(timing, backbone=FLAGS.backbone)
 
 
 def run() -> dict:
@@ -119,7 +85,7 @@ def run() -> dict:
         if DEFAULT_DATA.is_dir() and dataset == "cub200":
             data_dir = str(DEFAULT_DATA)
         else:
-            data_dir = str(_generated_folder(Path(scratch.name) / "generated"))
+            data_dir = str(benchmarking.generate_image_folder(Path(scratch.name) / "generated"))
             why = f"{DEFAULT_DATA} absent" if dataset == "cub200" else f"no --data_dir for {FLAGS.dataset}"
             print(f"note: {why}; timing generated JPEGs in {data_dir}")
             dataset = "folder"
@@ -140,7 +106,7 @@ def run() -> dict:
             ds = pipeline.make_train_dataset(train, FLAGS.loss, FLAGS.batch_size, augment, FLAGS.seed, cache=cache,
                                              verbose=0)
         setup = time.perf_counter() - start
-        timing = _time_pipeline(ds, FLAGS.batch_size, FLAGS.warmup, FLAGS.steps)
+        timing = benchmarking.time_dataset(ds, FLAGS.batch_size, FLAGS.warmup, FLAGS.steps)
         timing["setup_s"] = round(setup, 2)
         result["pipeline"][mode] = timing
         print(f"pipeline {mode:9s}: {timing['images_per_s']:9.1f} images/s (setup {setup:.1f} s: scan or "
@@ -152,7 +118,7 @@ def run() -> dict:
     if FLAGS.model:
         if batch is None:
             batch = next(iter(pipeline.make_train_dataset(train, FLAGS.loss, FLAGS.batch_size, augment, 0)))
-        result["train_step"] = _time_model(train, batch, train.num_classes, crop)
+        result["train_step"] = _time_model(batch, train.num_classes, crop)
         step = result["train_step"]
         if "error" in step:
             print(f"train step: not measured: {step['error']}")
@@ -169,22 +135,18 @@ def run() -> dict:
                     result["pipeline"]["uncached"]["images_per_s"] / step["images_per_s"], 2)
     result["command"] = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
     out = Path(FLAGS.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    benchmarking.write_json_atomic(out, result)
     print(f"wrote {out}")
     scratch.cleanup()
     return result
 
 
+@common_flags.run_main
 def main(argv):
-    del argv
-    from hdml_tf.errors import HDMLError
-    try:
-        run()
-    except HDMLError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])} (flags start with --)")
+    run()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common_flags.parse_flags)

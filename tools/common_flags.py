@@ -21,7 +21,7 @@ def _flag_name(field) -> str:
     return field.metadata.get("flag") or field.name
 
 
-def define_config_flags(*classes, exclude=()) -> None:
+def define_config_flags(*classes, exclude=(), flag_values=None) -> None:
     """One absl flag per field of each config dataclass: name, type, default, help and choices all come from the
     field (`hdml_tf.config.option`), so the dataclasses are the only place they are written.
 
@@ -32,6 +32,7 @@ def define_config_flags(*classes, exclude=()) -> None:
     import typing
 
     from hdml_tf.config import choices_of
+    fv = FLAGS if flag_values is None else flag_values
     for cls in classes:
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
@@ -40,25 +41,25 @@ def define_config_flags(*classes, exclude=()) -> None:
             name, kind, default = _flag_name(field), hints[field.name], field.default
             help_text, choices = field.metadata.get("help", ""), choices_of(field)
             if kind is bool:
-                flags.DEFINE_bool(name, default, help_text)
+                flags.DEFINE_bool(name, default, help_text, flag_values=fv)
             elif kind is int:
-                flags.DEFINE_integer(name, default, help_text)
+                flags.DEFINE_integer(name, default, help_text, flag_values=fv)
             elif kind is float:
-                flags.DEFINE_float(name, default, help_text)
+                flags.DEFINE_float(name, default, help_text, flag_values=fv)
             elif kind == typing.Optional[bool]:
                 flags.DEFINE_enum(name, "auto" if default is None else str(default).lower(),
-                                  ["auto", "true", "false"], help_text + " (auto, true or false)")
+                                  ["auto", "true", "false"], help_text + " (auto, true or false)", flag_values=fv)
             elif kind == typing.Tuple[int, ...]:
-                flags.DEFINE_list(name, [str(v) for v in default], help_text)
+                flags.DEFINE_list(name, [str(v) for v in default], help_text, flag_values=fv)
             elif choices is not None:
-                flags.DEFINE_enum(name, default, list(choices), help_text)
+                flags.DEFINE_enum(name, default, list(choices), help_text, flag_values=fv)
             elif kind in (str, typing.Optional[str]):
-                flags.DEFINE_string(name, default, help_text)
+                flags.DEFINE_string(name, default, help_text, flag_values=fv)
             else:  # a field type this function does not know yet: a programming error, caught by the tests
                 raise TypeError(f"{cls.__name__}.{field.name}: no flag type for {kind}")
 
 
-def config_from_flags(cls, **overrides):
+def config_from_flags(cls, flag_values=None, **overrides):
     """An instance of config dataclass `cls` from the parsed flags `define_config_flags` defined.
 
     Raises:
@@ -68,13 +69,14 @@ def config_from_flags(cls, **overrides):
     import typing
 
     from hdml_tf.config import ConfigError
+    fv = FLAGS if flag_values is None else flag_values
     hints = typing.get_type_hints(cls)
     values = {}
     for field in dataclasses.fields(cls):
         name = _flag_name(field)
-        if field.name in overrides or name not in FLAGS:
+        if field.name in overrides or name not in fv:
             continue
-        value, kind = FLAGS[name].value, hints[field.name]
+        value, kind = fv[name].value, hints[field.name]
         if kind == typing.Optional[bool]:
             value = None if value == "auto" else value == "true"
         elif kind == typing.Tuple[int, ...]:
@@ -101,6 +103,31 @@ def configs_from_flags():
     optim = config_from_flags(OptimConfig)
     hdml.layout().check_batch_size(run.batch_size)
     return run, hdml, optim
+
+
+def read_flagfile(path) -> flags.FlagValues:
+    """The values a training flagfile sets, parsed by the flags `define_config_flags` derives (every field of
+    RunConfig, HDMLConfig and OptimConfig) in a FlagValues of their own, so this tool's flags stay untouched.
+
+    Returns:
+      flags.FlagValues; `config_from_flags(HDMLConfig, flag_values=...)` builds a config from it.
+    Raises:
+      ConfigError: the file cannot be read or holds a bad value.
+    """
+    from hdml_tf.config import ConfigError, HDMLConfig, OptimConfig, RunConfig
+    fv = flags.FlagValues()
+    define_config_flags(RunConfig, HDMLConfig, OptimConfig, flag_values=fv)
+    try:
+        fv(["flagfile", f"--flagfile={path}"], known_only=True)
+    except flags.Error as e:
+        raise ConfigError(f"flagfile {path} cannot be read: {str(e).replace('ERROR:: ', '')}") from None
+    return fv
+
+
+def method_configs(values: flags.FlagValues):
+    """(HDMLConfig, OptimConfig) of the values `read_flagfile` parsed. Raises ConfigError."""
+    from hdml_tf.config import HDMLConfig, OptimConfig
+    return config_from_flags(HDMLConfig, flag_values=values), config_from_flags(OptimConfig, flag_values=values)
 
 
 def parse_flags(argv):

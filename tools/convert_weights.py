@@ -4,9 +4,10 @@
     python tools/convert_weights.py --input=tf_ckpt_from_caffe.mat --output=googlenet_caffe.weights.h5
 
 The input is loaded into our backbone by name and verified (every variable assigned once with its shape; the
-ImageNet classifier and auxiliary heads skipped on purpose), saved with Keras' `save_weights`, then read back into a
-fresh backbone whose features on a fixed random batch must equal those of the directly loaded one. The output loads
-with `build_backbone(name, size, weights=OUTPUT)` or `--weights=OUTPUT` on training. Errors print as one line
+ImageNet classifier, the auxiliary heads and the .mat's fc_embedding layer skipped on purpose), saved with Keras'
+`save_weights`, then read back into a fresh backbone whose features on a fixed random batch must equal those of the
+directly loaded one. `--backbone` takes the names of tools/train.py (default: the one the file fits). The output
+loads with `build_backbone(name, size, weights=OUTPUT)` or `--weights=OUTPUT` on training. Errors print as one line
 `error: ...` on stderr with exit code 2.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from absl import app, flags  # noqa: E402
 from hdml_tf.errors import HDMLError  # noqa: E402
 
 FORMATS = ("auto", "slim", "caffe")
-LAYOUTS = ("auto", "caffe", "slim")
+BACKBONES = ("auto", "inception_v1_caffe", "inception_v1_slim")  # the InceptionV1 names of tools/train.py
 _BACKBONE_OF_FORMAT = {"slim": "inception_v1_slim", "caffe": "inception_v1_caffe"}
 
 
@@ -31,16 +32,25 @@ def define_flags():
     flags.DEFINE_string("input", None, "TF-Slim inception_v1.ckpt (prefix, .index or directory) or Caffe GoogLeNet "
                         ".mat (keys conv1/7x7_s2, conv1/7x7_s2_bias, inception_3a/1x1, ...)")
     flags.DEFINE_enum("format", "auto", FORMATS, "format of --input; auto detects it from the file")
-    flags.DEFINE_enum("layout", "auto", LAYOUTS, "backbone layout to convert into; auto follows the format "
-                      "(slim checkpoint -> inception_v1_slim, Caffe .mat -> inception_v1_caffe)")
+    flags.DEFINE_enum("backbone", "auto", BACKBONES, "backbone to convert into (the --backbone of tools/train.py); "
+                      "auto follows the file (slim checkpoint -> inception_v1_slim, Caffe .mat -> inception_v1_caffe)")
+    flags.DEFINE_enum("layout", None, ["caffe", "slim"], "deprecated: --layout=caffe is --backbone=inception_v1_caffe, "
+                      "--layout=slim is --backbone=inception_v1_slim")
     flags.DEFINE_string("output", None, "Keras weights file to write (must end with .weights.h5); default: next to "
                         "the input, named <input>_<backbone>.weights.h5")
     flags.DEFINE_integer("image_size", 0, "input size of the numerical check; 0 = the backbone's default size")
 
 
-def convert(input_path: str, output: str | None = None, format: str = "auto", layout: str = "auto",
+def convert(input_path: str, output: str | None = None, format: str = "auto", backbone: str = "auto",
             image_size: int = 0) -> list:
     """Load `input_path` into an InceptionV1 backbone, save it as Keras weights, verify; return summary lines.
+
+    Args:
+        input_path: a TF-Slim checkpoint or a Caffe GoogLeNet .mat.
+        output: the .weights.h5 to write (default: beside the input).
+        format: "auto", "slim" or "caffe".
+        backbone: "auto" (the backbone the file fits), "inception_v1_caffe" or "inception_v1_slim".
+        image_size: input size of the numerical check; 0 = the backbone's default.
 
     Raises:
         HDMLError (WeightsError): bad arguments, an unreadable or mismatching file, or a failed read-back check.
@@ -52,8 +62,8 @@ def convert(input_path: str, output: str | None = None, format: str = "auto", la
         raise HDMLError(f"no weights file at {input_path} (expected a TF-Slim .ckpt or a Caffe GoogLeNet .mat)")
     if format not in FORMATS:
         raise HDMLError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    if layout not in LAYOUTS:
-        raise HDMLError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if backbone not in BACKBONES:
+        raise HDMLError(f"--backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
     if output and not output.endswith(".weights.h5"):
         raise HDMLError(f"--output must end with .weights.h5 (Keras' weights format), got {output}")
 
@@ -65,7 +75,7 @@ def convert(input_path: str, output: str | None = None, format: str = "auto", la
     fmt, _ = detect_format(input_path, format)
     if fmt == "keras":
         raise HDMLError(f"{input_path} is already a Keras weights file; pass it to --weights directly")
-    backbone = f"inception_v1_{layout}" if layout != "auto" else _BACKBONE_OF_FORMAT[fmt]
+    backbone = backbone if backbone != "auto" else _BACKBONE_OF_FORMAT[fmt]
     if not output:
         stem = os.path.splitext(os.path.normpath(input_path))[0]
         output = f"{stem}_{backbone}.weights.h5"
@@ -101,7 +111,14 @@ def main(argv):
         return 2
     FLAGS = flags.FLAGS
     try:
-        lines = convert(FLAGS.input, FLAGS.output, FLAGS.format, FLAGS.layout, FLAGS.image_size)
+        backbone = FLAGS.backbone
+        if FLAGS.layout:  # the old spelling of --backbone keeps working
+            implied = _BACKBONE_OF_FORMAT[FLAGS.layout]
+            if backbone not in ("auto", implied):
+                raise HDMLError(f"--layout={FLAGS.layout} (deprecated) means --backbone={implied}, which contradicts "
+                                f"--backbone={backbone}; give --backbone only")
+            backbone = implied
+        lines = convert(FLAGS.input, FLAGS.output, FLAGS.format, backbone, FLAGS.image_size)
     except HDMLError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,8 +7,8 @@ labels int32 [B] (the ImageSet's 0..C-1 labels). Training batches follow the los
 - npair: B = 2N. Rows 0..N-1 are anchors of N distinct classes, rows N..2N-1 their positives (same class order,
   a different image of the same class). As the official NPairLossScheme.
 - triplet: B = 3T. Rows 0..T-1 anchors of T distinct classes, T..2T-1 positives (same class, other image),
-  2T..3T-1 negatives (one image of a class drawn uniformly among the other classes; the official TripletLossScheme
-  draws 2T distinct classes, which needs C >= 2T; ours only guarantees negative != anchor class).
+  2T..3T-1 negatives: one image each of T further distinct classes, none of them an anchor class -- 2T distinct
+  classes per batch, as the official TripletLossScheme draws them (so C >= 2T is needed).
 - contrastive: B = 4P. Rows 0..P-1 with P..2P-1 are positive pairs (P distinct classes); rows 2P..3P-1 with
   3P..4P-1 are negative pairs (left class uniform, right class uniform among the others).
 
@@ -72,7 +72,8 @@ class TupleSampler(layouts.ClassDraws):
 
     Raises:
       ConfigError: unknown loss or a batch size that does not fit the layout.
-      DataError: too few classes with two or more images for the requested number of tuples.
+      DataError: too few classes with two or more images for the requested number of tuples, or (triplet) fewer
+        than 2T classes in all.
     """
 
     def __init__(self, labels: np.ndarray, loss, batch_size: int, seed: int, name: str = ""):
@@ -90,11 +91,15 @@ class TupleSampler(layouts.ClassDraws):
             log.warning("%s%d of %d classes have a single image and are left out of anchor sampling",
                         where, singles, len(present))
         need_eligible, need_present = self.layout.min_classes(self.tuples)
-        if len(eligible) < need_eligible:
-            raise DataError(f"{where}batch_size={batch_size} ({self.loss}) needs {need_eligible} distinct classes "
-                            f"with >= 2 images, but only {len(eligible)} have; use a smaller batch_size")
-        if len(present) < need_present:
-            raise DataError(f"{where}{self.loss} batches need {need_present} classes; found {len(present)}")
+        if len(eligible) < need_eligible or len(present) < need_present:
+            fits = [n for n in range(self.tuples, 1, -1)
+                    if self.layout.min_classes(n)[0] <= len(eligible) and self.layout.min_classes(n)[1] <= len(present)]
+            hint = f"use batch_size <= {fits[0] * self.layout.size}" if fits else "this split is too small"
+            if len(eligible) < need_eligible:
+                raise DataError(f"{where}batch_size={batch_size} ({self.loss}) needs {need_eligible} distinct classes "
+                                f"with >= 2 images, but only {len(eligible)} have; {hint}")
+            raise DataError(f"{where}batch_size={batch_size} ({self.loss}) needs {need_present} distinct classes, "
+                            f"but only {len(present)} have images; {hint}")
         self.num_eligible = len(eligible)
         self._order = tf.constant(order, tf.int64)
         self._offsets = tf.constant(offsets, tf.int64)
@@ -132,6 +137,13 @@ class TupleSampler(layouts.ClassDraws):
     def other_classes(self, classes, seed):
         shift = 1 + _uniform_int(tf.shape(classes), self._num_present - 1, seed)
         return tf.math.floormod(classes + shift, self._num_present)
+
+    def distinct_others(self, taken, seed):
+        # Uniform keys, the taken classes' keys raised above every other so they sort last (official
+        # TripletLossScheme: the second half of 2T distinct classes).
+        keys = tf.random.stateless_uniform(tf.reshape(self._num_present, [1]), seed)  # [C] in [0, 1)
+        keys = tf.tensor_scatter_nd_update(keys, taken[:, None], tf.fill(tf.shape(taken), 2.0))
+        return tf.cast(tf.argsort(keys)[: tf.size(taken)], tf.int64)
 
     def any_classes(self, n, seed):
         return _uniform_int([n], self._num_present, seed)

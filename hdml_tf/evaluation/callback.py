@@ -89,6 +89,10 @@ class EvaluationCallback(keras.callbacks.Callback):
     a callable `schedule(step) -> bool`; epoch-based with `every_n_epochs` (default: 1 when no step schedule is
     given, otherwise off). Steps count training batches from `initial_step` (for a resumed run).
 
+    NMI and F1 follow the official protocol unless told otherwise: k-means with k = the number of classes of the
+    evaluation split, best of `n_init` = 10 restarts, random_state `seed` = 1 (`metrics.nmi_f1`); the printed
+    table says which protocol produced it (`protocol()`).
+
     Attributes:
       step: global training step (batches seen + initial_step).
       history: list of {"epoch", "step", "eval_seconds", metric: value} per evaluation.
@@ -98,8 +102,9 @@ class EvaluationCallback(keras.callbacks.Callback):
     def __init__(self, data: _Data, *, every_n_epochs: Optional[int] = None, every_n_steps: Optional[int] = None,
                  schedule: Union[None, str, Callable[[int], bool]] = None, monitor: str = "recall@1",
                  recall_ks: Sequence[int] = metrics.PAPER_RECALL_KS, clustering: bool = True, with_map: bool = True,
-                 kmeans: str = "auto", n_clusters: Optional[int] = None, seed: int = 0,
-                 chunk_size: Optional[int] = None, prefix: str = "val_", best_weights_path: Optional[str] = None,
+                 kmeans: str = "auto", n_clusters: Optional[int] = None, seed: int = metrics.OFFICIAL_KMEANS_SEED,
+                 n_init: int = metrics.OFFICIAL_KMEANS_RESTARTS, chunk_size: Optional[int] = None,
+                 prefix: str = "val_", best_weights_path: Optional[str] = None,
                  last_weights_path: Optional[str] = None, csv_path: Optional[str] = None,
                  log_dir: Optional[str] = None, summary_path: Optional[str] = None, initial_step: int = 0,
                  evaluate_on_train_end: bool = True, progress: bool = False, verbose: int = 1):
@@ -134,7 +139,8 @@ class EvaluationCallback(keras.callbacks.Callback):
         self.schedule = schedule
         self.monitor = key
         self.metric_options = dict(clustering=clustering, with_map=with_map, kmeans=kmeans, n_clusters=n_clusters,
-                                   seed=seed, chunk_size=chunk_size)
+                                   seed=seed, n_init=n_init, chunk_size=chunk_size)
+        self._kmeans_k = n_clusters  # k of the last evaluation's k-means (the number of classes when None)
         self.prefix = prefix
         self.best_weights_path = best_weights_path
         self.last_weights_path = last_weights_path
@@ -203,14 +209,16 @@ class EvaluationCallback(keras.callbacks.Callback):
             self.evaluate_now()
         if self.last is None:
             return
-        summary = {"monitor": self.prefix + self.monitor, "best": self.best, "last": self.last}
+        summary = {"monitor": self.prefix + self.monitor, "best": self.best, "last": self.last,
+                   "clustering_protocol": self.protocol()}
         if self.summary_path:
             _makedirs_for(self.summary_path)
             with open(self.summary_path, "w") as f:
                 json.dump(summary, f, indent=2)
         if self.verbose:
             print(f"evaluation: best by {self.monitor} at step {self.best['step']}, last at step {self.last['step']}")
-            print(metrics.format_results({"best": self._metric_part(self.best), "last": self._metric_part(self.last)}))
+            print(metrics.format_results({"best": self._metric_part(self.best), "last": self._metric_part(self.last)},
+                                         protocol=self.protocol()))
         if self._writer is not None:
             self._writer.flush()
 
@@ -223,6 +231,7 @@ class EvaluationCallback(keras.callbacks.Callback):
         else:
             embeddings, labels = embed_dataset(self.model, self.data, progress=self.progress)
         results = metrics.evaluate(embeddings, labels, self.recall_ks, **self.metric_options)
+        self._kmeans_k = self.metric_options["n_clusters"] or len(np.unique(labels))
         row = {"epoch": self._epoch + 1, "step": self.step, "eval_seconds": round(time.time() - start, 3), **results}
         self.history.append(row)
         self.last = row
@@ -242,6 +251,13 @@ class EvaluationCallback(keras.callbacks.Callback):
             print(f"\nevaluation at step {self.step} (epoch {self._epoch + 1}, {row['eval_seconds']:.1f} s): {shown}"
                   + (" [best]" if improved else ""))
         return row
+
+    def protocol(self) -> Optional[str]:
+        """How NMI/F1 were computed (`metrics.clustering_protocol`), once an evaluation ran with clustering."""
+        o = self.metric_options
+        if not o["clustering"] or not self._kmeans_k:
+            return None
+        return metrics.clustering_protocol(self._kmeans_k, n_init=o["n_init"], seed=o["seed"], kmeans=o["kmeans"])
 
     def _prefixed(self, row: Dict[str, float]) -> Dict[str, float]:
         return {self.prefix + k: v for k, v in self._metric_part(row).items()}

@@ -44,6 +44,10 @@ PAPER_RECALL_KS = (1, 2, 4, 8)
 KMEANS_MODES = ("auto", "full", "minibatch")
 # "auto" uses full k-means up to this many clusters (CUB 100, Cars 98 test classes), mini-batch above (SOP 11,316).
 AUTO_FULL_KMEANS_MAX_CLUSTERS = 1000
+# The official protocol (lib/evaluation.py `evaluate_cluster`): sklearn.cluster.KMeans(n_clusters, random_state=1)
+# with the scikit-learn default of its time, n_init=10 -- the best inertia of 10 k-means++ restarts.
+OFFICIAL_KMEANS_RESTARTS = 10
+OFFICIAL_KMEANS_SEED = 1
 
 
 # ----------------------------------------------------------------------------------------------- input checks
@@ -263,7 +267,8 @@ def nearest_neighbors(embeddings, k: int, *, queries=None, exclude=None,
             raise ValueError(f"exclude must be [Q] = [{len(q)}] gallery rows or -1, got {exclude}")
     limit = len(x) - 1 if q is None or np.any(exclude >= 0) else len(x)
     if not isinstance(k, (int, np.integer)) or k < 1 or k > limit:
-        raise ValueError(f"nearest_neighbors needs 1 <= k <= {limit}, got k={k!r}")
+        bound = "N-1" if limit < len(x) else "N"
+        raise ValueError(f"nearest_neighbors needs 1 <= k <= {bound} = {limit}, got k={k!r}")
     count = len(x) if q is None else len(q)
     idx = np.empty((count, k), np.int64)
     sim = np.empty((count, k), np.float32)
@@ -402,32 +407,44 @@ def pairwise_f1(labels, clusters) -> float:
     return float(2.0 * precision * recall / (precision + recall))
 
 
-def cluster(embeddings, n_clusters: int, *, kmeans: str = "auto", seed: int = 0, n_init: int = 1,
-            batch_size: int = 4096) -> np.ndarray:
-    """k-means cluster ids [N] of the embeddings (scikit-learn, seeded).
+def _kmeans_mode(kmeans: str, n_clusters: int) -> str:
+    """"full" or "minibatch" for a `kmeans` setting ("auto" decides by the number of clusters)."""
+    if kmeans not in KMEANS_MODES:
+        raise ValueError(f"kmeans={kmeans!r} is unknown; expected one of {', '.join(KMEANS_MODES)}")
+    if kmeans == "auto":
+        return "full" if n_clusters <= AUTO_FULL_KMEANS_MAX_CLUSTERS else "minibatch"
+    return kmeans
+
+
+def cluster(embeddings, n_clusters: int, *, kmeans: str = "auto", seed: int = OFFICIAL_KMEANS_SEED,
+            n_init: int = OFFICIAL_KMEANS_RESTARTS, batch_size: int = 4096) -> np.ndarray:
+    """k-means cluster ids [N] of the embeddings (scikit-learn, seeded); by default the official protocol.
 
     Args:
       embeddings: float [N, E], L2-normalized.
       n_clusters: k, 1..N.
       kmeans: "auto" (default): "full" up to AUTO_FULL_KMEANS_MAX_CLUSTERS = 1000 clusters, else "minibatch".
-        "full": `sklearn.cluster.KMeans` (Lloyd, k-means++ seeding) - the official choice; ~8 CPU-seconds at CUB
-        size (5,924 x 512, k = 100), but its k-means++ seeding is sequential over the k centres and it did not
-        finish within 10 minutes at SOP size (60,502 x 512, k = 11,316) on the 2-core development CPU.
+        "full": `sklearn.cluster.KMeans` (Lloyd, k-means++ seeding) - the official choice; one run took ~8
+        CPU-seconds at CUB size (5,924 x 512, k = 100), ten restarts take ten times that; its k-means++ seeding is
+        sequential over the k centres, and one run did not finish within 10 minutes at SOP size (60,502 x 512,
+        k = 11,316) on the 2-core development CPU.
         "minibatch": `MiniBatchKMeans` with random seeding (k-means++ seeding is as slow there), 44-100 s at SOP
-        size on the same CPU depending on its load: the feasible setting (tools/benchmark_eval.py).
-      seed: random_state.
-      n_init: k-means restarts (the official code ran scikit-learn's old default of 10, random_state=1).
+        size on the same CPU depending on its load: the feasible setting (tools/benchmark_eval.py). Not the
+        official algorithm; `clustering_protocol` says so under every table.
+      seed: random_state (official: 1).
+      n_init: restarts, the one with the lowest inertia is kept (official: 10, scikit-learn's default when the
+        official code ran; since scikit-learn 1.4 the default is 1 for k-means++, hence the explicit value).
+        Fewer restarts trade a biased-low, noisier NMI/F1 for time (see README "Evaluation").
       batch_size: mini-batch size for "minibatch".
     """
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     x = np.asarray(embeddings, dtype=np.float32)
-    if kmeans not in KMEANS_MODES:
-        raise ValueError(f"kmeans={kmeans!r} is unknown; expected one of {', '.join(KMEANS_MODES)}")
     if not isinstance(n_clusters, (int, np.integer)) or not 1 <= n_clusters <= len(x):
         raise ValueError(f"n_clusters must lie in 1..N = {len(x)}, got {n_clusters!r}")
-    if kmeans == "auto":
-        kmeans = "full" if n_clusters <= AUTO_FULL_KMEANS_MAX_CLUSTERS else "minibatch"
+    if isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer)) or n_init < 1:
+        raise ValueError(f"n_init (k-means restarts) must be an integer >= 1, got {n_init!r}")
+    kmeans = _kmeans_mode(kmeans, n_clusters)
     if kmeans == "full":
         model = KMeans(n_clusters=int(n_clusters), n_init=n_init, random_state=seed)
     else:
@@ -451,21 +468,24 @@ def clustering_scores(labels, clusters) -> Tuple[float, float]:
     return float(nmi), pairwise_f1(labels, clusters)
 
 
-def nmi_f1(embeddings, labels, n_clusters: Optional[int] = None, seed: int = 0, *, kmeans: str = "auto",
-           n_init: int = 1) -> Tuple[float, float]:
+def nmi_f1(embeddings, labels, n_clusters: Optional[int] = None, seed: int = OFFICIAL_KMEANS_SEED, *,
+           kmeans: str = "auto", n_init: int = OFFICIAL_KMEANS_RESTARTS) -> Tuple[float, float]:
     """NMI and F1 of k-means on the embeddings (paper Tables 1-3; official `evaluate_cluster`).
 
+    Default: the official protocol, `KMeans(n_clusters=k, n_init=10, random_state=1)`, best inertia of 10 runs.
     k defaults to the number of classes among `labels` (the official code hard-codes 98, Cars196's test classes,
-    for every data set). On the 2-core development CPU, CUB/Cars size (~6-8k x 512, k ~ 100) takes seconds with
-    "full"; SOP size (60,502 x 512, k = 11,316) needs "minibatch" ("auto" picks it), see `cluster`.
+    for every data set). The official code then relabels each cluster by its member nearest to the centre, which
+    renames clusters and changes neither NMI nor F1. On the 2-core development CPU, CUB/Cars size (~6-8k x 512,
+    k ~ 100) takes seconds per restart with "full"; SOP size (60,502 x 512, k = 11,316) needs "minibatch" ("auto"
+    picks it), see `cluster`.
 
     Args:
       embeddings: float [N, E], L2-normalized.
       labels: int [N].
       n_clusters: k; None = number of classes.
-      seed: k-means random_state.
+      seed: k-means random_state (official 1).
       kmeans: "auto", "full" or "minibatch" (see `cluster`).
-      n_init: k-means restarts.
+      n_init: k-means restarts (official 10).
     Returns:
       (nmi, f1), floats in [0, 1].
     Raises:
@@ -483,8 +503,9 @@ def nmi_f1(embeddings, labels, n_clusters: Optional[int] = None, seed: int = 0, 
 # ----------------------------------------------------------------------------------------------------- evaluate
 
 def evaluate(embeddings, labels, recall_ks: Iterable[int] = PAPER_RECALL_KS, *, clustering: bool = True,
-             with_map: bool = True, kmeans: str = "auto", n_clusters: Optional[int] = None, seed: int = 0,
-             n_init: int = 1, chunk_size: Optional[int] = None) -> Dict[str, float]:
+             with_map: bool = True, kmeans: str = "auto", n_clusters: Optional[int] = None,
+             seed: int = OFFICIAL_KMEANS_SEED, n_init: int = OFFICIAL_KMEANS_RESTARTS,
+             chunk_size: Optional[int] = None) -> Dict[str, float]:
     """All metrics of a test (or validation) split as one flat dict.
 
     Args:
@@ -493,7 +514,8 @@ def evaluate(embeddings, labels, recall_ks: Iterable[int] = PAPER_RECALL_KS, *, 
       recall_ks: Ks of Recall@K (per data set: `hdml_tf.data.datasets.recall_ks`); each in 1..N-1.
       clustering: compute NMI and F1 (k-means; the slow part at SOP size).
       with_map: compute MAP@R and R-Precision.
-      kmeans, n_clusters, seed, n_init: see `nmi_f1`.
+      kmeans, n_clusters, seed, n_init: see `nmi_f1` (default: the official protocol, 10 restarts, random_state
+        1, k = number of classes).
       chunk_size: query rows per similarity chunk.
     Returns:
       {"nmi", "f1", "recall@K" for each K, "map@r", "r_precision"}: floats in [0, 1] (fractions, not percent).
@@ -507,16 +529,35 @@ def evaluate(embeddings, labels, recall_ks: Iterable[int] = PAPER_RECALL_KS, *, 
     return out
 
 
+def clustering_protocol(n_clusters: int, *, n_init: int = OFFICIAL_KMEANS_RESTARTS,
+                        seed: int = OFFICIAL_KMEANS_SEED, kmeans: str = "auto") -> str:
+    """The line under a results table that says how its NMI and F1 were computed.
+
+    Example: clustering_protocol(66) == "NMI/F1: k-means, best of 10 restarts, random_state 1, k = 66 (official
+    protocol)". Any other setting is named as such, with the official one beside it.
+    """
+    mode = _kmeans_mode(kmeans, n_clusters)
+    algorithm = "k-means" if mode == "full" else "mini-batch k-means (random seeding)"
+    runs = f"best of {n_init} restarts" if n_init > 1 else "1 run"
+    official = mode == "full" and n_init == OFFICIAL_KMEANS_RESTARTS and seed == OFFICIAL_KMEANS_SEED
+    note = ("official protocol" if official else
+            f"not the official protocol: k-means, best of {OFFICIAL_KMEANS_RESTARTS} restarts, random_state "
+            f"{OFFICIAL_KMEANS_SEED}")
+    return f"NMI/F1: {algorithm}, {runs}, random_state {seed}, k = {n_clusters:,} ({note})"
+
+
 _COLUMN_TITLES = {"nmi": "NMI", "f1": "F1", "map@r": "MAP@R", "r_precision": "RP"}
 
 
 def format_results(results: Mapping[str, Mapping[str, float]] | Mapping[str, float], *,
-                   percent: bool = True) -> str:
+                   percent: bool = True, protocol: Optional[str] = None) -> str:
     """A paper-style table (values in %, like the paper) of one or several result dicts.
 
     Args:
       results: one dict from `evaluate`, or {row name: dict} for several rows (e.g. {"best": ..., "last": ...}).
       percent: print 100 x value with one decimal (the paper's tables), else 4 decimals.
+      protocol: a line printed under the table, e.g. `clustering_protocol(k)`, so every table says how its NMI
+        and F1 were computed.
     """
     if results and all(isinstance(v, (int, float, np.floating)) for v in results.values()):
         results = {"": results}
@@ -539,4 +580,6 @@ def format_results(results: Mapping[str, Mapping[str, float]] | Mapping[str, flo
             cells.append(f"  {'-':>{w}}" if v is None else
                          f"  {100 * v:>{w}.1f}" if percent else f"  {v:>{w}.4f}")
         lines.append(f"{str(name):<{name_w}}" + "".join(cells))
+    if protocol:
+        lines.append(protocol)
     return "\n".join(lines)
