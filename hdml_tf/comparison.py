@@ -311,13 +311,17 @@ class Comparison:
                        "optim": _jsonable(dataclasses.asdict(self.optim))},
             "runs": [_jsonable(dataclasses.asdict(r)) for r in records]}
 
-    def write_report(self, report: Dict, plot_metrics: Sequence[str] = ("recall@1", "nmi", "map@r", "f1")) -> Dict:
-        """compare.json, runs.csv and compare.png (atomic); returns {kind: path}."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        written = {"json": atomic.write_json(self.path / COMPARE_JSON, report),
-                   "csv": atomic.write_text(self.path / RUNS_CSV, runs_csv(report))}
+    def write_report(self, report: Dict, plot_metrics: Sequence[str] = ("recall@1", "nmi", "map@r", "f1"),
+                     directory=None) -> Dict:
+        """compare.json, runs.csv and compare.png (atomic) into `directory` (default: the comparison's own, where
+        the runs are; another one lets several comparisons share runs, e.g. the ablations and the main comparison's
+        baseline and hdml runs); returns {kind: path}."""
+        where = Path(directory) if directory else self.path
+        where.mkdir(parents=True, exist_ok=True)
+        written = {"json": atomic.write_json(where / COMPARE_JSON, report),
+                   "csv": atomic.write_text(where / RUNS_CSV, runs_csv(report))}
         try:
-            written["png"] = plot_comparison(report, self.path / COMPARE_PNG, plot_metrics)
+            written["png"] = plot_comparison(report, where / COMPARE_PNG, plot_metrics)
         except ImportError:  # pragma: no cover - matplotlib is a dependency, but plots stay optional
             pass
         return written

@@ -41,6 +41,9 @@ flags.DEFINE_bool("retry_failed", False, "Train failed runs again (by default th
 flags.DEFINE_bool("report_only", False, "Train nothing; rewrite the report from the runs already in --output_dir.")
 flags.DEFINE_integer("bootstrap_resamples", 10000, "Resampled means of the bootstrap interval (0: none).")
 flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the bootstrap resampling.")
+flags.DEFINE_string("report_dir", None, "Where compare.json, runs.csv and compare.png go (default: --output_dir); "
+                    "comparisons that share runs (e.g. the ablations and the main comparison, whose baseline and hdml "
+                    "runs are the same) use one --output_dir and each its own --report_dir.")
 flags.DEFINE_list("plot_metrics", ["recall@1", "nmi", "map@r", "f1"], "Metrics drawn in compare.png.")
 
 #: Flags whose value each run sets itself; giving them on the command line is a mistake the tool names.
@@ -83,7 +86,7 @@ def main(argv):
 
     def refresh():
         report = comparison.report(FLAGS.bootstrap_resamples, FLAGS.bootstrap_seed)
-        comparison.write_report(report, FLAGS.plot_metrics)
+        comparison.write_report(report, FLAGS.plot_metrics, FLAGS.report_dir)
         return report
 
     if not FLAGS.report_only:
@@ -93,7 +96,7 @@ def main(argv):
         comparison.train_all(retry_failed=FLAGS.retry_failed, after_each=refresh)
     report = refresh()
     print(format_report(report))
-    print(f"wrote {comparison.path / 'compare.json'}, runs.csv and compare.png")
+    print(f"wrote {os.path.join(FLAGS.report_dir or comparison.path, 'compare.json')}, runs.csv and compare.png")
 
 
 def _on_command_line(name, argv):
