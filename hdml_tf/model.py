@@ -431,7 +431,7 @@ class HDMLModel(keras.Model):
 
     def last_step_logs(self) -> Dict[str, float]:
         """The last training step's own value of every logged key (eager; NaN where the step's value was NaN)."""
-        return dict(zip(self._trackers, (float(v) for v in keras.ops.convert_to_numpy(self.last_step))))
+        return dict(zip(self._trackers, (float(v) for v in self.last_step.read_value().numpy())))
 
     def test_step(self, data):
         """J_m (with weight decay, without HDML) on a batch in the tuple layout; no update."""
