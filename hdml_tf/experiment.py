@@ -211,9 +211,24 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
 
 
 def enable_determinism(seed: int) -> None:
-    """Seeds Python, NumPy, TensorFlow and Keras, and makes TensorFlow ops deterministic (global, irreversible)."""
+    """Seeds Python, NumPy, TensorFlow and Keras, makes TensorFlow ops deterministic and, on a machine without a
+    GPU, runs one op at a time (global, irreversible).
+
+    Op determinism alone did not make two CPU runs of the glyph demo equal: measured (README, "Does HDML help?"),
+    repeated runs of one seed drifted apart by float round-off after about 20 steps, with or without it, because
+    TensorFlow ran independent ops concurrently and the oneDNN kernels inside them then split their sums over a
+    varying number of threads. With one inter-op thread, 3 x 100 steps were bit-identical, at no measured cost on
+    2 cores. The thread setting only takes effect before TensorFlow's runtime starts; later it is logged, not set.
+    """
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    if not tf.config.list_physical_devices("GPU") and tf.config.threading.get_inter_op_parallelism_threads() != 1:
+        try:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            log.warning("--deterministic: TensorFlow's runtime already started, so ops may still run concurrently "
+                        "and CPU results may differ by round-off between runs; enable determinism before any "
+                        "TensorFlow op (tools do)")
 
 
 def check_num_classes(model, train: ImageSet) -> None:
