@@ -46,12 +46,12 @@ def make_batch(loss: str, batch_size: int, image_size: int, num_classes: int,
 
     Returns:
       (images float32 [B, S, S, 3] uniform in 0..255, labels int32 [B]): the labels of batch 0 that the real
-      sampler draws from `num_classes` classes (`hdml_tf.data.pipeline.example_labels`).
+      sampler draws from `num_classes` classes (`hdml_tf.data.sampler.example_labels`).
 
     Raises:
       ConfigError: the batch does not fit the layout. DataError: it needs more than `num_classes` classes.
     """
-    from hdml_tf.data.pipeline import example_labels
+    from hdml_tf.data.sampler import example_labels
     labels = example_labels(loss, batch_size, num_classes, seed=seed)  # as the sampler lays a batch out
     images = np.random.default_rng(seed).uniform(0, 255, (batch_size, image_size, image_size, 3)).astype(np.float32)
     return tf.constant(images), tf.constant(labels.astype(np.int32))

@@ -215,8 +215,10 @@ class RunConfig:
         for name in ("steps", "steps_per_epoch", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
-        if self.image_size and self.image_size < 32:
-            raise ConfigError(f"image_size={self.image_size} must be >= 32 (or 0 for the default)")
+        smallest = BACKBONES[self.backbone].min_image_size
+        if self.image_size and self.image_size < smallest:
+            raise ConfigError(f"image_size={self.image_size} must be >= {smallest} for {self.backbone} (or 0 for the "
+                              f"default)")
         if any(k <= 0 for k in self.recall_ks):
             raise ConfigError(f"recall_ks={self.recall_ks} must be positive")
         for name, low in (("checkpoint_every", 0), ("keep_checkpoints", 1), ("max_bad_steps", 0),

@@ -77,9 +77,9 @@ class StepLog(keras.callbacks.Callback):
         self.rows: List[Dict[str, float]] = []
         self._unwritten: List[Dict[str, float]] = []
         self._writer = None
-        self.resume(initial_step)
+        self.resume_at(initial_step)
 
-    def resume(self, initial_step: int) -> None:
+    def resume_at(self, initial_step: int) -> None:
         """Continues at global step `initial_step`: the CSV's rows up to it are kept, later ones dropped."""
         self.step = int(initial_step)
         self.rows, self._unwritten = [], []

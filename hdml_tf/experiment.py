@@ -113,14 +113,22 @@ def _per_worker_output(run: RunConfig, strategy) -> RunConfig:
 
 
 # ------------------------------------------------------------------------------------------------ metrics
+def evaluation_protocol(run: RunConfig, ks: Sequence[int]):
+    """The run's `metrics.EvaluationProtocol`: Recall@K at `ks`, MAP@R, R-Precision, NMI/F1 with the official
+    k-means (random_state 1) and `run.kmeans_restarts` restarts."""
+    from hdml_tf.evaluation.metrics import EvaluationProtocol
+    return EvaluationProtocol(recall_ks=tuple(ks), kmeans_restarts=run.kmeans_restarts)
+
+
 def evaluate_model(model, dataset: tf.data.Dataset, ks: Sequence[int], progress: bool = False,
                    kmeans_restarts: int = OFFICIAL_KMEANS_RESTARTS) -> Dict[str, float]:
     """NMI, F1 (official k-means protocol with `kmeans_restarts` restarts), Recall@K, MAP@R of a model's
     embeddings of an evaluation dataset."""
     from hdml_tf.evaluation.embedding import embed_dataset
-    from hdml_tf.evaluation.metrics import evaluate
+    from hdml_tf.evaluation.metrics import EvaluationProtocol
     embeddings, labels = embed_dataset(model, dataset, progress=progress)
-    return evaluate(embeddings, labels, recall_ks=_fitting_ks(ks, labels), n_init=kmeans_restarts)
+    protocol = EvaluationProtocol(recall_ks=_fitting_ks(ks, labels), kmeans_restarts=kmeans_restarts)
+    return protocol.evaluate(embeddings, labels)
 
 
 #: Raw pixels are clustered in this many principal components (k-means in 12,288-d pixel space took ~60 s for the
@@ -191,9 +199,9 @@ def fit(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet, callbacks: Seq
     from hdml_tf.evaluation.callback import EvaluationCallback
     for cb in callbacks:
         if isinstance(cb, EvaluationCallback) and cb.step < initial_step:
-            cb.step = cb._epoch_start_step = initial_step  # a resumed run counts evaluation steps globally
+            cb.resume_at(initial_step)  # a resumed run counts evaluation steps globally
         if isinstance(cb, StepLog) and initial_step:
-            cb.resume(initial_step)  # keeps the per-step rows up to the checkpoint
+            cb.resume_at(initial_step)  # keeps the per-step rows up to the checkpoint
     epochs = -(-run.steps // run.steps_per_epoch)
     ds = distributed_train_dataset(model, run, hdml, train, start_step=initial_step)
     try:
@@ -338,16 +346,16 @@ def _evaluation_callback(run: RunConfig, name: str, image_set: ImageSet, out: Ru
     """EvaluationCallback on `image_set` every `run.eval_every_epochs` epochs (None when 0)."""
     if run.eval_every_epochs <= 0:
         return None
-    from hdml_tf.evaluation.callback import EvaluationCallback
+    from hdml_tf.evaluation.callback import EvaluationCallback, EvaluationFiles
     ks = _fitting_ks(run.ks(), image_set.labels)
     monitor = run.monitor_key
     if monitor.startswith("recall@") and int(monitor.split("@")[1]) not in ks:
         raise ConfigError(f"monitor={run.monitor!r}: the evaluation split {image_set.name} has only {len(image_set)} "
                           f"images; Recall@K needs K < that")
-    return EvaluationCallback(
-        eval_dataset(run, image_set), every_n_epochs=run.eval_every_epochs, monitor=monitor, recall_ks=ks,
-        n_init=run.kmeans_restarts, best_weights_path=str(out.best_weights(name)), csv_path=str(out.eval_csv(name)),
-        log_dir=str(out.logs(name)), summary_path=str(out.eval_json(name)), verbose=int(run.verbose > 0))
+    files = EvaluationFiles(best_weights=str(out.best_weights(name)), csv=str(out.eval_csv(name)),
+                            tensorboard=str(out.logs(name)), summary=str(out.eval_json(name)))
+    return EvaluationCallback(eval_dataset(run, image_set), protocol=evaluation_protocol(run, ks), monitor=monitor,
+                              every_n_epochs=run.eval_every_epochs, files=files, verbose=int(run.verbose > 0))
 
 
 def _score_selected(model, run: RunConfig, name: str, selector, test_ds, ks, results: Dict, out: RunDir) -> None:
@@ -358,11 +366,11 @@ def _score_selected(model, run: RunConfig, name: str, selector, test_ds, ks, res
     if best["step"] == last["step"]:
         results["test"][row] = dict(results["test"][name])  # the last checkpoint is the selected one
     else:
-        model.load_weights(selector.best_weights_path)
+        model.load_weights(selector.files.best_weights)
         results["test"][row] = evaluate_model(model, test_ds, ks, kmeans_restarts=run.kmeans_restarts)
         model.load_weights(str(out.weights(name)))
     results.setdefault("selection", {})[name] = {
         "monitor": monitor, "on": "validation" if run.validation_fraction > 0 else "test",
         "best_step": best["step"], "last_step": last["step"], "row": row,
         "best_weights": out.best_weights(name).name, "csv": out.eval_csv(name).name,
-        "best": selector._metric_part(best), "last": selector._metric_part(last)}
+        "best": selector.best_metrics, "last": selector.last_metrics}

@@ -35,6 +35,22 @@ def shared_dir():
     return None
 
 
+def cub_subset_dir():
+    """`<shared>/data/cub200_subset` (real CUB-200-2011 photographs in the official layout), or None when absent."""
+    shared = shared_dir()
+    root = shared / "data" / "cub200_subset" if shared else None
+    return root if root is not None and root.is_dir() else None
+
+
+@pytest.fixture
+def cub_subset():
+    """The real CUB subset's directory; the test is skipped (with the reason) where ../shared is absent."""
+    root = cub_subset_dir()
+    if root is None:
+        pytest.skip("../shared/data/cub200_subset is absent (only the project's CI and developers have it)")
+    return root
+
+
 @pytest.fixture(scope="session")
 def official():
     with np.load(DATA / "official_vectors.npz") as f:
@@ -45,7 +61,7 @@ def layout_batch(loss="npair", tuples=4, size=16, seed=0, num_classes=8):
     """A random batch in the tuple layout of `loss`: images float32 [B, size, size, 3] uniform in 0..255 and labels
     int32 [B] as the real sampler draws them from `num_classes` classes (B = tuples x the layout's size)."""
     from hdml_tf import layouts
-    from hdml_tf.data.pipeline import example_labels
+    from hdml_tf.data.sampler import example_labels
     batch_size = tuples * layouts.get(loss).size
     labels = example_labels(loss, batch_size, num_classes, seed=seed)
     images = np.random.default_rng(seed).uniform(0, 255, (batch_size, size, size, 3)).astype("float32")

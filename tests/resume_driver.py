@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from conftest import tiny_backbone  # noqa: E402
 from hdml_tf import checkpointing, experiment  # noqa: E402
 from hdml_tf.callbacks import TrainingInterrupted  # noqa: E402
-from hdml_tf.config import HDMLConfig, OptimConfig  # noqa: E402
+from hdml_tf.config import HDMLConfig, OptimConfig, RunConfig  # noqa: E402
 from hdml_tf.data.image_set import ImageSet  # noqa: E402
 from hdml_tf.model import HDMLModel, make_optimizers  # noqa: E402
 
@@ -42,7 +42,7 @@ def image_set(classes=6, per_class=4, seed=0):
 
 
 def configs(checkpoint_dir, keep=3):
-    run = experiment.RunConfig(dataset="glyphs", image_size=CROP, resize=SIZE, batch_size=8, steps=STEPS, steps_per_epoch=4,
+    run = RunConfig(dataset="glyphs", image_size=CROP, resize=SIZE, batch_size=8, steps=STEPS, steps_per_epoch=4,
                                seed=0, verbose=0, checkpoint_dir=str(checkpoint_dir), checkpoint_every=EVERY,
                                keep_checkpoints=keep, deterministic=True, max_bad_steps=3)
     hdml = HDMLConfig(embedding_size=8, window=2)  # windows of 2 steps: J_avg / J_gen move during the run

@@ -154,3 +154,27 @@ def test_resnet50_loads_local_keras_applications_files(resnet, images, tmp_path)
         loaded = build_backbone("resnet50", SIZE, weights=path)
         assert loaded.weights_report.assigned == len(inner.weights)
         np.testing.assert_array_equal(np.asarray(loaded(images)), expected)
+
+
+def test_backbone_knows_what_it_is_after_a_save_and_load(tmp_path):
+    """A Backbone's config is its constructor arguments: a round trip (config or .keras file) gives back the same
+    name, weights layout and size, and the same features."""
+    import keras
+    import numpy as np
+
+    from hdml_tf.backbones import Backbone
+    net = build_backbone("inception_v1_caffe", 48, caffe_lrn=True)
+    assert isinstance(net, Backbone) and (net.backbone_name, net.weights_layout, net.image_size) == (
+        "inception_v1_caffe", "caffe", 48)
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(net))
+    assert isinstance(again, Backbone) and again.get_config() == net.get_config()
+    path = str(tmp_path / "net.keras")
+    net.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, Backbone)
+    assert (loaded.backbone_name, loaded.weights_layout, loaded.caffe_lrn) == ("inception_v1_caffe", "caffe", True)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype("float32")
+    np.testing.assert_allclose(loaded(images).numpy(), net(images).numpy(), rtol=1e-5, atol=1e-6)
+    # The Caffe layout's VALID pools need 35 px; the error says so before Keras fails inside.
+    with pytest.raises(HDMLError, match=r"image_size must be an integer >= 35 for inception_v1_caffe"):
+        build_backbone("inception_v1_caffe", 34)

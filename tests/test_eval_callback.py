@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from hdml_tf.data.image_set import ImageSet
-from hdml_tf.evaluation import (EvaluationCallback, embed_dataset, evaluate_image_set, image_set_dataset,
+from hdml_tf.evaluation import (EvaluationCallback, EvaluationFiles, EvaluationProtocol, embed_dataset,
                                 official_schedule, split_validation_classes)
 
 
@@ -40,9 +40,10 @@ def test_epoch_evaluation_writes_logs_csv_tensorboard_and_checkpoints(tmp_path):
     best = str(tmp_path / "best.weights.h5")
     last = str(tmp_path / "last.weights.h5")
     csv_path = str(tmp_path / "eval.csv")
-    callback = EvaluationCallback(_eval_dataset(), recall_ks=(1, 2), monitor="recall@1", best_weights_path=best,
-                                  last_weights_path=last, csv_path=csv_path, log_dir=str(tmp_path / "tb"),
-                                  summary_path=str(tmp_path / "summary.json"), verbose=0)
+    files = EvaluationFiles(best_weights=best, last_weights=last, csv=csv_path, tensorboard=str(tmp_path / "tb"),
+                            summary=str(tmp_path / "summary.json"))
+    callback = EvaluationCallback(_eval_dataset(), protocol=EvaluationProtocol(recall_ks=(1, 2)), monitor="recall@1",
+                                  files=files, verbose=0)
     checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt.weights.h5"), monitor="val_recall@1",
                                                  mode="max", save_best_only=True, save_weights_only=True)
     x, y = _train_arrays()
@@ -67,7 +68,7 @@ def test_epoch_evaluation_writes_logs_csv_tensorboard_and_checkpoints(tmp_path):
     # The best weights reproduce the best result.
     restored = _tiny_model(seed=1)
     restored.load_weights(best)
-    again = EvaluationCallback(_eval_dataset(), recall_ks=(1, 2), verbose=0)
+    again = EvaluationCallback(_eval_dataset(), protocol=EvaluationProtocol(recall_ks=(1, 2)), verbose=0)
     again.set_model(restored)
     assert again.evaluate_now()["recall@1"] == pytest.approx(callback.best["recall@1"])
 
@@ -80,8 +81,8 @@ def test_step_schedule_reaches_epoch_logs_and_evaluates_the_last_step(tmp_path):
         def on_epoch_end(self, epoch, logs=None):
             seen.append(dict(logs))
 
-    callback = EvaluationCallback(_eval_dataset(), every_n_steps=3, recall_ks=(1,), clustering=False,
-                                  with_map=False, verbose=0)
+    callback = EvaluationCallback(_eval_dataset(), every_n_steps=3, verbose=0,
+                                  protocol=EvaluationProtocol(recall_ks=(1,), clustering=False, with_map=False))
     x, y = _train_arrays()
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback, Spy()])
     # 4 steps per epoch: evaluations at steps 3 and 6, and at the end of training (step 8, not on the schedule).
@@ -94,8 +95,8 @@ def test_step_schedule_reaches_epoch_logs_and_evaluates_the_last_step(tmp_path):
 def test_step_schedule_with_steps_per_execution():
     model = _tiny_model()
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", steps_per_execution=2)
-    callback = EvaluationCallback(_eval_dataset(), every_n_steps=3, recall_ks=(1,), clustering=False,
-                                  with_map=False, verbose=0)
+    callback = EvaluationCallback(_eval_dataset(), every_n_steps=3, verbose=0,
+                                  protocol=EvaluationProtocol(recall_ks=(1,), clustering=False, with_map=False))
     x, y = _train_arrays()
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
     # Keras reports after steps 2, 4, 6, 8: step 3 is caught at the report of step 4, step 6 at 6, and the end of
@@ -113,9 +114,9 @@ def test_official_schedule():
 def test_callback_rejects_bad_settings(tmp_path):
     ds = _eval_dataset()
     with pytest.raises(ValueError, match="monitor"):
-        EvaluationCallback(ds, monitor="recall@3", recall_ks=(1, 2))
+        EvaluationCallback(ds, monitor="recall@3", protocol=EvaluationProtocol(recall_ks=(1, 2)))
     with pytest.raises(ValueError, match="weights.h5"):
-        EvaluationCallback(ds, best_weights_path=str(tmp_path / "best.h5"))
+        EvaluationCallback(ds, files=EvaluationFiles(best_weights=str(tmp_path / "best.h5")))
     with pytest.raises(ValueError, match="schedule"):
         EvaluationCallback(ds, schedule="weekly")
     with pytest.raises(ValueError, match="either"):
@@ -138,7 +139,7 @@ def test_split_validation_classes_is_class_disjoint_and_remapped():
         split_validation_classes(image_set.subset(np.arange(9)).remap(), 0.5)
 
 
-def test_embed_dataset_and_evaluate_image_set():
+def test_embed_dataset_and_evaluating_an_image_set():
     def model(x):  # any callable; its output is not normalized: embed_dataset normalizes
         return 3.0 * tf.reshape(tf.cast(x, tf.float32), [tf.shape(x)[0], -1])[:, :6]
 
@@ -148,18 +149,22 @@ def test_embed_dataset_and_evaluate_image_set():
     with pytest.raises(ValueError, match="finite"):
         embed_dataset(model, _eval_dataset().repeat(), progress=False)
 
+    # An ImageSet is evaluated through the one evaluation pipeline (hdml_tf.data.pipeline.make_eval_dataset).
+    from hdml_tf.data.images import Augment
+    from hdml_tf.data.pipeline import make_eval_dataset
+    from hdml_tf.evaluation import metrics
     rng = np.random.default_rng(2)
     image_set = ImageSet(labels=np.repeat(np.arange(4), 5), class_names=list("abcd"),
-                         images=rng.integers(0, 255, (20, 2, 3, 3), dtype=np.uint8), name="toy/test")
-    results = evaluate_image_set(model, image_set, recall_ks=(1, 2), batch_size=7, progress=False)
-    assert set(results) == {"nmi", "f1", "recall@1", "recall@2", "map@r", "r_precision"}
-    from hdml_tf.data.images import Augment
-    images, _ = next(iter(image_set_dataset(image_set, 5, Augment(resize=4, crop=3))))
-    assert images.shape == (5, 3, 3, 3) and images.dtype == tf.float32  # the data pipeline's evaluation geometry
-    callback = EvaluationCallback.for_image_set(image_set, batch_size=7, verbose=0)
+                         images=rng.integers(0, 255, (20, 4, 4, 3), dtype=np.uint8), name="toy/test")
+    dataset = make_eval_dataset(image_set, 7, Augment(resize=4, crop=3), verbose=0)
+    images, _ = next(iter(dataset))
+    assert images.shape == (7, 3, 3, 3) and images.dtype == tf.float32
+    callback = EvaluationCallback(dataset, protocol=EvaluationProtocol(recall_ks=(1, 2)), verbose=0)
     callback.set_model(model)
-    assert callback.evaluate_now()["recall@8"] == pytest.approx(
-        evaluate_image_set(model, image_set, progress=False)["recall@8"])
+    results = callback.evaluate_now()
+    assert set(callback.metrics_of(results)) == {"nmi", "f1", "recall@1", "recall@2", "map@r", "r_precision"}
+    emb, labels = embed_dataset(model, dataset, progress=False)
+    assert callback.last_metrics == pytest.approx(metrics.evaluate(emb, labels, (1, 2)))
 
 
 def test_nmi_f1_follow_the_official_protocol_and_the_table_says_so(tmp_path, capsys):
@@ -171,7 +176,8 @@ def test_nmi_f1_follow_the_official_protocol_and_the_table_says_so(tmp_path, cap
     from hdml_tf.evaluation import metrics
 
     model = _tiny_model()
-    callback = EvaluationCallback(_eval_dataset(), recall_ks=(1,), summary_path=str(tmp_path / "s.json"), verbose=1)
+    callback = EvaluationCallback(_eval_dataset(), protocol=EvaluationProtocol(recall_ks=(1,)),
+                                  files=EvaluationFiles(summary=str(tmp_path / "s.json")), verbose=1)
     callback.set_model(model)
     row = callback.evaluate_now()
     embeddings, labels = embed_dataset(model, _eval_dataset(), progress=False)
@@ -183,17 +189,18 @@ def test_nmi_f1_follow_the_official_protocol_and_the_table_says_so(tmp_path, cap
     assert printed[-1] == "NMI/F1: k-means, best of 10 restarts, random_state 1, k = 5 (official protocol)"
     assert json.loads((tmp_path / "s.json").read_text())["clustering_protocol"] == printed[-1]
 
-    quick = EvaluationCallback(_eval_dataset(), recall_ks=(1,), n_init=1, verbose=0)
+    quick = EvaluationCallback(_eval_dataset(), protocol=EvaluationProtocol(recall_ks=(1,), kmeans_restarts=1),
+                               verbose=0)
     quick.set_model(model)
     one_run = KMeans(n_clusters=5, n_init=1, random_state=1).fit_predict(embeddings)
     assert quick.evaluate_now()["nmi"] == normalized_mutual_info_score(labels, one_run)
-    assert quick.protocol().startswith("NMI/F1: k-means, 1 run, random_state 1, k = 5 (not the official protocol")
+    assert quick.describe_protocol().startswith("NMI/F1: k-means, 1 run, random_state 1, k = 5 (not the official protocol")
 
 
 def test_run_config_kmeans_restarts():
-    from hdml_tf.config import ConfigError
-    from hdml_tf.experiment import RunConfig
+    from hdml_tf.config import ConfigError, RunConfig
+    from hdml_tf.evaluation import metrics
 
-    assert RunConfig(dataset="digits").kmeans_restarts == 10
+    assert RunConfig(dataset="digits").kmeans_restarts == 10 == metrics.OFFICIAL_KMEANS_RESTARTS
     with pytest.raises(ConfigError, match="kmeans_restarts=0 must be >= 1"):
         RunConfig(dataset="digits", kmeans_restarts=0)

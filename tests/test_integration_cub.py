@@ -5,20 +5,19 @@ Skipped cleanly where ../shared/data is absent (a user's clone).
 import numpy as np
 import pytest
 
-from conftest import shared_dir
+from conftest import cub_subset_dir
 
-SHARED = shared_dir()
-CUB = SHARED / "data" / "cub200_subset" if SHARED else None
+CUB = cub_subset_dir()
 
 pytestmark = pytest.mark.skipif(CUB is None or not CUB.is_dir(),
                                 reason="../shared/data/cub200_subset is absent (only the project's CI has it)")
 
 
 def test_train_few_steps_on_real_birds_and_evaluate_unseen_classes(tmp_path):
-    from hdml_tf.config import HDMLConfig, OptimConfig
+    from hdml_tf.config import HDMLConfig, OptimConfig, RunConfig
     from hdml_tf import experiment
 
-    run = experiment.RunConfig(dataset="cub200", data_dir=str(CUB), backbone="inception_v1_slim", image_size=64,
+    run = RunConfig(dataset="cub200", data_dir=str(CUB), backbone="inception_v1_slim", image_size=64,
                                resize=72, batch_size=8, steps=3, steps_per_epoch=3, eval_batch_size=64,
                                output_dir=str(tmp_path), verbose=0)
     hdml = HDMLConfig(loss="npair", embedding_size=16)

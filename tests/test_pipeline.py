@@ -3,7 +3,6 @@
 Small images (16..40 px, Augment(resize=32, crop=24)) keep the whole module to a few seconds on two cores.
 """
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from hdml_tf.data import images as img
 from hdml_tf.data import pipeline, readers
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.data.images import Augment
+from hdml_tf.data.sampler import TupleSampler
 from hdml_tf.errors import DataError
 
 SMALL = Augment(resize=32, crop=24, flip=True)
@@ -195,7 +195,7 @@ def test_triplet_sampler_draws_2t_distinct_classes_in_every_batch_of_a_long_stre
     a singleton class never anchors but may be a negative. Checked on every one of 600 consecutive batches."""
     classes, t, steps = 11, 5, 600
     labels = np.append(np.repeat(np.arange(classes - 1), [2, 3, 4, 5, 2, 3, 4, 5, 2, 3]), classes - 1)  # + singleton
-    sampler = pipeline.TupleSampler(labels, "triplet", 3 * t, seed=7)
+    sampler = TupleSampler(labels, "triplet", 3 * t, seed=7)
     batches = np.stack([b.numpy() for b in tf.data.Dataset.range(steps).map(sampler.indices)])  # [steps, 3T]
     assert batches.shape == (steps, 3 * t)
     anchor, positive, negative = batches[:, :t], batches[:, t:2 * t], batches[:, 2 * t:]
@@ -317,18 +317,8 @@ def test_eval_dataset_keeps_order_center_crops_and_drops_bad_files(tree):
 # --------------------------------------------------------------------------------------- real CUB subset
 
 
-def _shared_cub_subset():
-    candidates = []
-    if os.environ.get("HDML_SHARED_DIR"):
-        candidates.append(Path(os.environ["HDML_SHARED_DIR"]) / "data" / "cub200_subset")
-    candidates.append(Path(__file__).resolve().parents[2] / "shared/data/cub200_subset")
-    return next((c for c in candidates if c.is_dir()), None)
-
-
-def test_real_cub_subset_batches():
-    root = _shared_cub_subset()
-    if root is None:
-        pytest.skip("shared/data/cub200_subset is absent (a user's clone)")
+def test_real_cub_subset_batches(cub_subset):
+    root = cub_subset
     train, test = splits = readers.read_dataset("cub200", root)
     assert splits.report.partial and (len(train), train.num_classes) == (3428, 58)
     ds = pipeline.make_train_dataset(train, "npair", 16, Augment(), seed=0, check_images=False, verbose=0)

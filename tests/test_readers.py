@@ -273,19 +273,8 @@ def test_registry(tmp_path):
 # ----------------------------------------------------------------------------------- real CUB subset
 
 
-def shared_cub_subset():
-    """../shared/data/cub200_subset beside the checkout, or $HDML_SHARED_DIR/data/cub200_subset; None if absent."""
-    candidates = []
-    if os.environ.get("HDML_SHARED_DIR"):
-        candidates.append(Path(os.environ["HDML_SHARED_DIR"]) / "data" / "cub200_subset")
-    candidates.append(Path(__file__).resolve().parents[2] / "shared/data/cub200_subset")
-    return next((c for c in candidates if c.is_dir()), None)
-
-
-def test_real_cub_subset_is_reported_partial():
-    root = shared_cub_subset()
-    if root is None:
-        pytest.skip("shared/data/cub200_subset is absent (a user's clone)")
+def test_real_cub_subset_is_reported_partial(cub_subset):
+    root = cub_subset
     train, test = splits = readers.read_dataset("cub200", root)
     assert (len(train), train.num_classes, len(test), test.num_classes) == (3428, 58, 2474, 42)
     assert splits.report.partial

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cub200_subset"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "cub200", "Reader name (hdml_tf.data.readers.READERS): cub200, cars196, sop, folder.")
+flags.DEFINE_string("dataset", "cub200", "A photo data set of hdml_tf.data.datasets (cub200, cars196, sop, folder).")
 flags.DEFINE_string("data_dir", None, "Data set folder; default ../shared/data/cub200_subset beside the repo, or "
                     "generated JPEGs when that is absent.")
 flags.DEFINE_string("loss", "npair", "Batch layout: npair, triplet or contrastive.")

@@ -230,27 +230,24 @@ def _inception_block(x, block: Block, layout):
     return keras.layers.Concatenate(axis=-1, name=layer_name(out_name))([branch_0, branch_1, branch_2, branch_3])
 
 
-def build_inception_v1(layout: str, image_size: int, caffe_lrn: bool = False, name: str | None = None
-                       ) -> keras.Model:
-    """InceptionV1 features, randomly initialized (load weights with `load_backbone_weights`).
+def inception_v1_graph(layout: str, image_size: int, caffe_lrn: bool = False):
+    """The InceptionV1 feature graph, randomly initialized (load weights with `load_backbone_weights`).
 
     Args:
         layout: "caffe" (BVLC GoogLeNet as the official HDML code runs it) or "slim" (TF-Slim inception_v1).
         image_size: S of the `[B, S, S, 3]` input; any S >= 32 gives a valid network (64 and up is tested).
         caffe_lrn: Caffe layout only. False (default): the official code's LRN (radius 5, alpha 1e-4), which is what
             reproduces the paper; True: Caffe's own LRN (radius 2, alpha 2e-5).
-        name: model name; default "inception_v1_<layout>".
 
     Returns:
-        A functional keras.Model, RGB 0..255 `[B, S, S, 3]` -> float32 `[B, 1024]`, with attributes `layout`
-        ("caffe" | "slim") and `backbone_name`. The layout's preprocessing is its first layer.
+        (images, features): the Keras input RGB 0..255 `[B, S, S, 3]` and the float32 `[B, 1024]` output, for
+        `hdml_tf.backbones.Backbone` to wrap. The layout's preprocessing is the first layer.
     """
     if layout not in LAYOUTS:
         raise HDMLError(f"unknown InceptionV1 layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if caffe_lrn and layout != CAFFE:
         raise HDMLError("caffe_lrn applies to inception_v1_caffe only (TF-Slim's InceptionV1 has no LRN)")
     lrn = CAFFE_LRN if caffe_lrn else OFFICIAL_LRN
-    model_name = name or f"inception_v1_{layout}"
 
     images = keras.Input((image_size, image_size, 3), name="images")
     x = preprocessing_layer(layout)(images)
@@ -267,7 +264,4 @@ def build_inception_v1(layout: str, image_size: int, caffe_lrn: bool = False, na
     # Official: avg_pool 7x7 VALID on the 7x7 map of a 227 px input, reshaped to [B, 1024]; global pooling is the
     # same there and stays valid at other sizes. float32 output under mixed precision.
     features = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(x)
-    model = keras.Model(images, features, name=model_name)
-    model.layout = layout
-    model.backbone_name = f"inception_v1_{layout}"
-    return model
+    return images, features

@@ -33,19 +33,18 @@ def _keras_resnet50(image_size: int, weights):
             f"and pass weights=PATH to that .h5 / .weights.h5 file (--weights=PATH on the command line)") from None
 
 
-def build_resnet50(image_size: int, weights=None, name: str = "resnet50_backbone") -> keras.Model:
-    """ResNet-50 backbone.
+def resnet50_graph(image_size: int, weights=None):
+    """The ResNet-50 feature graph.
 
     Args:
         image_size: S of the `[B, S, S, 3]` input (S >= 32, Keras' minimum).
         weights: None (random) or "imagenet" (fetched by Keras into ~/.keras/models; offline without a cached copy
             this raises one HDMLError saying how to pass a local file). A file path is loaded by
             `hdml_tf.backbones.load_backbone_weights`, not here.
-        name: model name.
 
     Returns:
-        keras.Model, RGB 0..255 `[B, S, S, 3]` -> float32 `[B, 2048]`, with attributes `layout` ("keras_resnet")
-        and `backbone_name` ("resnet50").
+        (images, features): the Keras input RGB 0..255 `[B, S, S, 3]` and the float32 `[B, 2048]` output, for
+        `hdml_tf.backbones.Backbone` to wrap.
     """
     if weights not in (None, "imagenet"):
         raise HDMLError(f"build_resnet50 takes weights=None or 'imagenet', got {weights!r}")
@@ -53,7 +52,4 @@ def build_resnet50(image_size: int, weights=None, name: str = "resnet50_backbone
     x = preprocessing_layer(LAYOUT)(images)  # keras.applications.resnet50.preprocess_input, inside the model
     x = _keras_resnet50(image_size, weights)(x)
     features = keras.layers.Activation("linear", dtype="float32", name="features")(x)
-    model = keras.Model(images, features, name=name)
-    model.layout = LAYOUT
-    model.backbone_name = "resnet50"
-    return model
+    return images, features

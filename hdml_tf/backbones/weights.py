@@ -47,7 +47,7 @@ _MAT_HEADER_BYTES = 128  # a level-5 .mat starts with a 128-byte header (text, s
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 # MATLAB entries scipy.io.loadmat adds to every file; not arrays.
 _MAT_META = ("__header__", "__version__", "__globals__")
-# Which backbone layout (model.layout) each foreign format fits.
+# Which backbone weights layout (Backbone.weights_layout) each foreign format fits.
 _FORMAT_LAYOUT = {"slim": "slim", "caffe": "caffe"}
 _FORMAT_WORDS = {"slim": "a TF-Slim InceptionV1 checkpoint", "caffe": "a Caffe GoogLeNet .mat"}
 _LAYOUT_BACKBONE = {"slim": "inception_v1_slim", "caffe": "inception_v1_caffe"}
@@ -87,13 +87,9 @@ class WeightSource:
 
 
 def _identity(model):
-    """(backbone name, layout) of a backbone: from the attributes `build_backbone` sets, or, for a model reloaded
-    from a .keras file (plain attributes are not saved), from its model name."""
-    by_name = {"inception_v1_caffe": ("inception_v1_caffe", "caffe"),
-               "inception_v1_slim": ("inception_v1_slim", "slim"),
-               "resnet50_backbone": ("resnet50", "keras_resnet")}
-    name, layout = by_name.get(model.name, (model.name, None))
-    return getattr(model, "backbone_name", name), getattr(model, "layout", layout)
+    """(backbone name, weights layout) of a model: a `Backbone` knows both; any other model is named by its name and
+    has no layout that foreign files fit."""
+    return getattr(model, "backbone_name", model.name), getattr(model, "weights_layout", None)
 
 
 def _brief(names, limit: int = _NAMES_SHOWN) -> str:
@@ -568,7 +564,7 @@ def load_backbone_weights(model, path, format: str = "auto") -> LoadReport:
     skipped on purpose.
 
     Args:
-        model: a backbone from `build_backbone` (carries `layout` and `backbone_name`).
+        model: a `Backbone` from `build_backbone` (carries `weights_layout` and `backbone_name`).
         path: the weights file (see `detect_format` for what a path may be).
         format: "auto" (detected from the file), "slim", "caffe" or "keras".
 

@@ -126,6 +126,23 @@ def recall_ks(name: str, num_images: Optional[int] = None) -> Tuple[int, ...]:
     return ks
 
 
+def load_dataset(name: str, data_dir=None, *, image_size: int = EMBEDDED_IMAGE_SIZE, seed: int = 0):
+    """(train, test) ImageSets of a registered data set, test classes unseen in training.
+
+    Args:
+      name: a registered name ("glyphs", "digits", "cub200", "cars196", "sop", "folder", ...).
+      data_dir: where a photo data set is unpacked (its official layout); not used by the embedded ones.
+      image_size: side the embedded sets are rendered at (give the geometry's `resize`); photos are files.
+      seed: the glyph distortions and the folder reader's class split.
+    Returns:
+      (train, test); for photo sets a `readers.Splits` carrying `.report`, the count check against the official
+      numbers (a partial copy is named there).
+    Raises:
+      ConfigError: an unknown name or a photo set without data_dir. DataError: a missing or malformed copy.
+    """
+    return get(name).load(data_dir, image_size=image_size, seed=seed)
+
+
 # ------------------------------------------------------------------------------------------------ geometry
 _WARNED = set()  # (crop, resize) pairs already warned about in this process
 

@@ -10,7 +10,7 @@ from typing import Tuple
 
 import numpy as np
 
-from hdml_tf.config import ConfigError
+from hdml_tf.errors import ConfigError
 from hdml_tf.data.image_set import ImageSet
 
 TRAIN_DIGITS = (0, 1, 2, 3, 4)

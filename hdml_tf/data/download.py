@@ -48,7 +48,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Dict, Iterable, List, Optional, Sequence, TextIO, Tuple
 
-from hdml_tf.config import ConfigError
+from hdml_tf.errors import ConfigError
 from hdml_tf.data import readers
 from hdml_tf.errors import DataError
 from hdml_tf.progress import ByteProgress, format_bytes

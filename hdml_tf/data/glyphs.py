@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from hdml_tf.config import ConfigError
+from hdml_tf.errors import ConfigError
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.errors import DataError
 

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from hdml_tf.config import ConfigError
+from hdml_tf.errors import ConfigError
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.errors import DataError
 
@@ -249,7 +249,14 @@ def decode_files(paths: Sequence[str], size: Optional[int], *, name: str = "", v
     if bar is not None and done < n:  # bad files were dropped from the stream: close the bar
         bar.update(n, finalize=True)
     bad = tuple(BadImage(str(paths[i]), _reason(str(paths[i]))) for i in bad_index)
-    return ImageScanReport(name=name, total=n, bad=bad, bad_index=tuple(int(i) for i in bad_index))
+    report = ImageScanReport(name=name, total=n, bad=bad, bad_index=tuple(int(i) for i in bad_index))
+    remember_scan(paths, report)  # a full decode of these paths: a later pre-scan of them reuses it
+    return report
+
+
+def remember_scan(paths: Sequence[str], report: ImageScanReport) -> None:
+    """Records a full scan of exactly `paths` (e.g. read back from a disk cache's manifest) for `scan_images`."""
+    _SCAN_MEMO[_fingerprint(paths)] = report
 
 
 def scan_images(paths: Sequence[str], *, name: str = "", strict: bool = False, verbose: int = 1,
@@ -272,11 +279,9 @@ def scan_images(paths: Sequence[str], *, name: str = "", strict: bool = False, v
     Raises:
       DataError: strict and a file is unreadable.
     """
-    key = _fingerprint(paths)
-    report = _SCAN_MEMO.get(key) if memo else None
+    report = _SCAN_MEMO.get(_fingerprint(paths)) if memo else None
     if report is None:
         report = decode_files(paths, None, name=name, verbose=verbose)
-        _SCAN_MEMO[key] = report
     check_report(report, strict)
     return report
 

@@ -5,17 +5,19 @@
 
 Plots live in `hdml_tf.evaluation.plots` (imported on demand: matplotlib is only needed there).
 """
-from hdml_tf.evaluation.callback import EvaluationCallback, official_schedule, split_validation_classes
-from hdml_tf.evaluation.embedding import embed_dataset, embed_image_set, evaluate_image_set, image_set_dataset
+from hdml_tf.evaluation.callback import (EvaluationCallback, EvaluationFiles, official_schedule,
+                                         split_validation_classes)
+from hdml_tf.evaluation.embedding import embed_dataset
 from hdml_tf.evaluation.metrics import (DEFAULT_CHUNK_BYTES, OFFICIAL_KMEANS_RESTARTS, OFFICIAL_KMEANS_SEED,
-                                        PAPER_RECALL_KS, clustering_protocol, clustering_scores, cluster,
+                                        PAPER_RECALL_KS, EvaluationProtocol, clustering_protocol, clustering_scores, cluster,
                                         evaluate, format_results, map_at_r, nearest_neighbors,
                                         nmi_f1, pairwise_f1, r_precision, recall_at_k, retrieval_metrics)
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES", "OFFICIAL_KMEANS_RESTARTS", "OFFICIAL_KMEANS_SEED", "PAPER_RECALL_KS", "EvaluationCallback",
-    "cluster", "clustering_protocol", "clustering_scores", "embed_dataset", "embed_image_set",
-    "evaluate", "evaluate_image_set", "format_results", "image_set_dataset", "map_at_r", "nearest_neighbors",
+    "EvaluationFiles", "EvaluationProtocol",
+    "cluster", "clustering_protocol", "clustering_scores", "embed_dataset",
+    "evaluate", "format_results", "map_at_r", "nearest_neighbors",
     "nmi_f1", "official_schedule", "pairwise_f1",
     "plot_retrieval", "plot_retrieval_grid", "plot_training_curves", "plot_tsne", "r_precision", "recall_at_k",
     "retrieval_metrics", "split_validation_classes",

@@ -12,18 +12,19 @@ callback BEFORE them in the `callbacks` list: Keras hands the same `logs` dict t
 from __future__ import annotations
 
 import csv
-import json
+import dataclasses
 import os
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from hdml_tf import atomic
 from hdml_tf.data.image_set import ImageSet
 from hdml_tf.evaluation import metrics
-from hdml_tf.evaluation.embedding import embed_dataset, image_set_dataset
+from hdml_tf.evaluation.embedding import embed_dataset
 
 # Official schedule (main_npair.py): evaluate when step % bp_epoch == 0, bp_epoch = 500 until step 5000, then 64.
 OFFICIAL_FIRST_PERIOD = 500
@@ -70,44 +71,60 @@ def split_validation_classes(image_set: ImageSet, fraction: float = 0.25, seed: 
 _Data = Union[tf.data.Dataset, Iterable, Callable[[keras.Model], Tuple[np.ndarray, np.ndarray]]]
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluationFiles:
+    """Where an EvaluationCallback writes (each optional; `hdml_tf.rundir.RunDir` names a run's own).
+
+    Attributes:
+      best_weights: `.weights.h5` saved when the monitored metric improves (strictly).
+      last_weights: `.weights.h5` saved after every evaluation.
+      csv: one row per evaluation (epoch, step, eval_seconds, metrics), appended.
+      tensorboard: a TensorBoard log directory (tags "val_recall@1", ..., x-axis = global training step).
+      summary: JSON with the best and the last evaluation, written at the end of training.
+    """
+
+    best_weights: Optional[str] = None
+    last_weights: Optional[str] = None
+    csv: Optional[str] = None
+    tensorboard: Optional[str] = None
+    summary: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("best_weights", "last_weights"):
+            path = getattr(self, name)
+            if path is not None and not str(path).endswith(".weights.h5"):
+                raise ValueError(f"{name}={path!r} must end with '.weights.h5' (Keras 3 save_weights)")
+
+
 class EvaluationCallback(keras.callbacks.Callback):
     """Evaluates retrieval and clustering on a held-out dataset every k epochs or steps.
 
-    Each evaluation embeds `data` with the model (the model returns L2-normalized embeddings when called),
-    computes `metrics.evaluate`, and
+    Each evaluation embeds `data` with the model (the model returns L2-normalized embeddings when called), scores
+    it with `protocol` (`metrics.EvaluationProtocol`: Recall@K, MAP@R, R-Precision, NMI/F1 by the official k-means
+    protocol unless told otherwise), and
       * writes `val_nmi`, `val_f1`, `val_recall@K`, `val_map@r`, `val_r_precision` into the Keras `logs`: at the
         batch that triggered a step-based evaluation and, at every epoch end, the latest results (so epoch-level
         consumers - ModelCheckpoint, EarlyStopping, History, CSVLogger - see them too);
-      * writes them to TensorBoard (`log_dir`, tags "val_recall@1", ..., x-axis = global training step);
-      * appends a row to `csv_path` (epoch, step, eval_seconds, metrics);
-      * saves the weights to `best_weights_path` when `monitor` improves (strictly; higher is better for every
-        metric here), and to `last_weights_path` after every evaluation;
-      * at the end of training (after a final evaluation when the last step was not evaluated) prints the best and
-        the last results and writes them to `summary_path` as JSON.
+      * writes the files of `files` (`EvaluationFiles`: best / last weights, a CSV row, TensorBoard scalars, and at
+        the end of training a JSON summary), and prints the best and the last results.
 
     When to evaluate: `schedule="official"` (500, 1000, ..., 5000, then every 64 steps), or `every_n_steps=k`, or
     a callable `schedule(step) -> bool`; epoch-based with `every_n_epochs` (default: 1 when no step schedule is
-    given, otherwise off). Steps count training batches from `initial_step` (for a resumed run).
+    given, otherwise off). Steps are global: a resumed run calls `resume_at(step)` before `fit`.
 
-    NMI and F1 follow the official protocol unless told otherwise: k-means with k = the number of classes of the
-    evaluation split, best of `n_init` = 10 restarts, random_state `seed` = 1 (`metrics.nmi_f1`); the printed
-    table says which protocol produced it (`protocol()`).
-
-    Attributes:
-      step: global training step (batches seen + initial_step).
+    Attributes (public state):
+      step: global training step (batches seen since `resume_at` / `initial_step`).
       history: list of {"epoch", "step", "eval_seconds", metric: value} per evaluation.
-      last, best: the latest and the best evaluation rows (None before the first).
+      last, best: the latest and the best evaluation rows (None before the first); `metrics_of(row)` keeps the
+        metrics only; `last_metrics` / `best_metrics` are those of `last` / `best`.
+      monitor, prefix, protocol, files.
     """
 
-    def __init__(self, data: _Data, *, every_n_epochs: Optional[int] = None, every_n_steps: Optional[int] = None,
-                 schedule: Union[None, str, Callable[[int], bool]] = None, monitor: str = "recall@1",
-                 recall_ks: Sequence[int] = metrics.PAPER_RECALL_KS, clustering: bool = True, with_map: bool = True,
-                 kmeans: str = "auto", n_clusters: Optional[int] = None, seed: int = metrics.OFFICIAL_KMEANS_SEED,
-                 n_init: int = metrics.OFFICIAL_KMEANS_RESTARTS, chunk_size: Optional[int] = None,
-                 prefix: str = "val_", best_weights_path: Optional[str] = None,
-                 last_weights_path: Optional[str] = None, csv_path: Optional[str] = None,
-                 log_dir: Optional[str] = None, summary_path: Optional[str] = None, initial_step: int = 0,
-                 evaluate_on_train_end: bool = True, progress: bool = False, verbose: int = 1):
+    def __init__(self, data: _Data, *, protocol: Optional[metrics.EvaluationProtocol] = None,
+                 monitor: str = "recall@1", every_n_epochs: Optional[int] = None, every_n_steps: Optional[int] = None,
+                 schedule: Union[None, str, Callable[[int], bool]] = None, files: Optional[EvaluationFiles] = None,
+                 prefix: str = "val_", initial_step: int = 0, evaluate_on_train_end: bool = True,
+                 progress: bool = False, verbose: int = 1):
         super().__init__()
         if schedule is not None and every_n_steps is not None:
             raise ValueError("give either schedule= or every_n_steps=, not both")
@@ -125,12 +142,8 @@ class EvaluationCallback(keras.callbacks.Callback):
             every_n_epochs = 1
         if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
             raise ValueError(f"every_n_epochs must be a positive integer or None, got {every_n_epochs!r}")
-        for name, path in (("best_weights_path", best_weights_path), ("last_weights_path", last_weights_path)):
-            if path is not None and not str(path).endswith(".weights.h5"):
-                raise ValueError(f"{name}={path!r} must end with '.weights.h5' (Keras 3 save_weights)")
-        self.recall_ks = tuple(recall_ks)
-        expected = (["nmi", "f1"] if clustering else []) + [f"recall@{k}" for k in self.recall_ks] \
-            + (["map@r", "r_precision"] if with_map else [])
+        self.protocol = protocol or metrics.EvaluationProtocol()
+        expected = self.protocol.metric_names()
         key = monitor[len(prefix):] if prefix and monitor.startswith(prefix) else monitor
         if key not in expected:
             raise ValueError(f"monitor={monitor!r} is not computed; choose one of {', '.join(expected)}")
@@ -138,50 +151,42 @@ class EvaluationCallback(keras.callbacks.Callback):
         self.every_n_epochs = every_n_epochs
         self.schedule = schedule
         self.monitor = key
-        self.metric_options = dict(clustering=clustering, with_map=with_map, kmeans=kmeans, n_clusters=n_clusters,
-                                   seed=seed, n_init=n_init, chunk_size=chunk_size)
-        self._kmeans_k = n_clusters  # k of the last evaluation's k-means (the number of classes when None)
         self.prefix = prefix
-        self.best_weights_path = best_weights_path
-        self.last_weights_path = last_weights_path
-        self.csv_path = csv_path
-        self.log_dir = log_dir
-        self.summary_path = summary_path
-        self.step = int(initial_step)
+        self.files = files or EvaluationFiles()
         self.evaluate_on_train_end = evaluate_on_train_end
         self.progress = progress
         self.verbose = verbose
         self.history: List[Dict[str, float]] = []
         self.last: Optional[Dict[str, float]] = None
         self.best: Optional[Dict[str, float]] = None
+        self._num_classes = 0  # classes of the last evaluated split (k of its k-means unless the protocol fixes k)
         self._epoch = 0
-        self._epoch_start_step = self.step
         self._writer = None
+        self.resume_at(initial_step)
 
-    @classmethod
-    def for_image_set(cls, image_set: ImageSet, *, make_dataset: Optional[Callable[[ImageSet], tf.data.Dataset]] = None,
-                      batch_size: int = 64, augment=None, **options) -> "EvaluationCallback":
-        """A callback evaluating an ImageSet (e.g. the validation half of `split_validation_classes`).
+    def resume_at(self, step: int) -> None:
+        """Counts training steps from global step `step` (call before `fit` when a run resumes mid-way)."""
+        self.step = self._epoch_start_step = int(step)
 
-        Args:
-          image_set: the evaluation split.
-          make_dataset: builds its (images, labels) tf.data dataset; None = `image_set_dataset(image_set,
-            batch_size, augment)` (in-memory images as they are, or the data pipeline's evaluation geometry).
-          batch_size, augment: see `image_set_dataset`.
-          **options: EvaluationCallback arguments; `recall_ks` defaults to `datasets.recall_ks` of the set.
-        """
-        if make_dataset is not None:
-            dataset = make_dataset(image_set)
-        else:
-            dataset = image_set_dataset(image_set, batch_size, augment)
-        from hdml_tf.data import datasets
-        options.setdefault("recall_ks", datasets.recall_ks(image_set.name, len(image_set)))
-        return cls(dataset, **options)
+    @staticmethod
+    def metrics_of(row: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
+        """The metrics of an evaluation row (without "epoch", "step", "eval_seconds")."""
+        if row is None:
+            return None
+        return {k: v for k, v in row.items() if k not in ("epoch", "step", "eval_seconds")}
+
+    @property
+    def last_metrics(self) -> Optional[Dict[str, float]]:
+        return self.metrics_of(self.last)
+
+    @property
+    def best_metrics(self) -> Optional[Dict[str, float]]:
+        return self.metrics_of(self.best)
 
     # ------------------------------------------------------------------------------------------------- hooks
     def on_train_begin(self, logs=None):
-        if self.log_dir and self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
+        if self.files.tensorboard and self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.files.tensorboard)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -210,15 +215,14 @@ class EvaluationCallback(keras.callbacks.Callback):
         if self.last is None:
             return
         summary = {"monitor": self.prefix + self.monitor, "best": self.best, "last": self.last,
-                   "clustering_protocol": self.protocol()}
-        if self.summary_path:
-            _makedirs_for(self.summary_path)
-            with open(self.summary_path, "w") as f:
-                json.dump(summary, f, indent=2)
+                   "clustering_protocol": self.describe_protocol()}
+        if self.files.summary:
+            _makedirs_for(self.files.summary)
+            atomic.write_json(self.files.summary, summary)
         if self.verbose:
             print(f"evaluation: best by {self.monitor} at step {self.best['step']}, last at step {self.last['step']}")
-            print(metrics.format_results({"best": self._metric_part(self.best), "last": self._metric_part(self.last)},
-                                         protocol=self.protocol()))
+            print(metrics.format_results({"best": self.best_metrics, "last": self.last_metrics},
+                                         protocol=self.describe_protocol()))
         if self._writer is not None:
             self._writer.flush()
 
@@ -230,20 +234,18 @@ class EvaluationCallback(keras.callbacks.Callback):
             embeddings, labels = self.data(self.model)
         else:
             embeddings, labels = embed_dataset(self.model, self.data, progress=self.progress)
-        results = metrics.evaluate(embeddings, labels, self.recall_ks, **self.metric_options)
-        self._kmeans_k = self.metric_options["n_clusters"] or len(np.unique(labels))
+        results = self.protocol.evaluate(embeddings, labels)
+        self._num_classes = len(np.unique(labels))
         row = {"epoch": self._epoch + 1, "step": self.step, "eval_seconds": round(time.time() - start, 3), **results}
         self.history.append(row)
         self.last = row
         improved = self.best is None or row[self.monitor] > self.best[self.monitor]
         if improved:
             self.best = row
-            if self.best_weights_path:
-                _makedirs_for(self.best_weights_path)
-                self.model.save_weights(self.best_weights_path)
-        if self.last_weights_path:
-            _makedirs_for(self.last_weights_path)
-            self.model.save_weights(self.last_weights_path)
+            if self.files.best_weights:
+                self._save_weights(self.files.best_weights)
+        if self.files.last_weights:
+            self._save_weights(self.files.last_weights)
         self._write_csv(row)
         self._write_tensorboard(results)
         if self.verbose:
@@ -252,33 +254,31 @@ class EvaluationCallback(keras.callbacks.Callback):
                   + (" [best]" if improved else ""))
         return row
 
-    def protocol(self) -> Optional[str]:
+    def describe_protocol(self) -> Optional[str]:
         """How NMI/F1 were computed (`metrics.clustering_protocol`), once an evaluation ran with clustering."""
-        o = self.metric_options
-        if not o["clustering"] or not self._kmeans_k:
-            return None
-        return metrics.clustering_protocol(self._kmeans_k, n_init=o["n_init"], seed=o["seed"], kmeans=o["kmeans"])
+        return self.protocol.describe(self._num_classes) if self._num_classes else None
+
+    def _save_weights(self, path: str) -> None:
+        _makedirs_for(path)
+        with atomic.atomic_path(path) as temp:
+            self.model.save_weights(str(temp))
 
     def _prefixed(self, row: Dict[str, float]) -> Dict[str, float]:
-        return {self.prefix + k: v for k, v in self._metric_part(row).items()}
-
-    @staticmethod
-    def _metric_part(row: Dict[str, float]) -> Dict[str, float]:
-        return {k: v for k, v in row.items() if k not in ("epoch", "step", "eval_seconds")}
+        return {self.prefix + k: v for k, v in self.metrics_of(row).items()}
 
     def _write_csv(self, row: Dict[str, float]):
-        if not self.csv_path:
+        if not self.files.csv:
             return
         header = list(row)
-        _makedirs_for(self.csv_path)
-        exists = os.path.exists(self.csv_path) and os.path.getsize(self.csv_path) > 0
+        _makedirs_for(self.files.csv)
+        exists = os.path.exists(self.files.csv) and os.path.getsize(self.files.csv) > 0
         if exists:
-            with open(self.csv_path, newline="") as f:
+            with open(self.files.csv, newline="") as f:
                 old = next(csv.reader(f), [])
             if old != header:
-                raise ValueError(f"{self.csv_path} has columns {','.join(old)}; this run writes "
+                raise ValueError(f"{self.files.csv} has columns {','.join(old)}; this run writes "
                                  f"{','.join(header)}: use a new csv_path")
-        with open(self.csv_path, "a", newline="") as f:
+        with open(self.files.csv, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=header)
             if not exists:
                 writer.writeheader()
@@ -286,9 +286,9 @@ class EvaluationCallback(keras.callbacks.Callback):
 
     def _write_tensorboard(self, results: Dict[str, float]):
         if self._writer is None:
-            if not self.log_dir:
+            if not self.files.tensorboard:
                 return
-            self._writer = tf.summary.create_file_writer(self.log_dir)
+            self._writer = tf.summary.create_file_writer(self.files.tensorboard)
         with self._writer.as_default():
             for key, value in results.items():
                 # tf.summary.scalar needs the tensorboard package; the raw op with the scalars plugin tag does not.

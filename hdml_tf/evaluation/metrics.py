@@ -30,6 +30,7 @@ its cost is the float32 matmul (3.7 TFLOP). `tools/benchmark_eval.py` measures i
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
@@ -544,6 +545,49 @@ def clustering_protocol(n_clusters: int, *, n_init: int = OFFICIAL_KMEANS_RESTAR
             f"not the official protocol: k-means, best of {OFFICIAL_KMEANS_RESTARTS} restarts, random_state "
             f"{OFFICIAL_KMEANS_SEED}")
     return f"NMI/F1: {algorithm}, {runs}, random_state {seed}, k = {n_clusters:,} ({note})"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationProtocol:
+    """How a split is scored: which metrics, and how NMI/F1 cluster (the official protocol by default).
+
+    Attributes:
+      recall_ks: K of Recall@K (per data set: `hdml_tf.data.datasets.recall_ks`); each in 1..N-1.
+      clustering: compute NMI and F1 (k-means; the slow part at SOP size).
+      with_map: compute MAP@R and R-Precision.
+      kmeans: "auto", "full" or "minibatch" (`cluster`).
+      n_clusters: k; None = the number of classes among the labels (the official code hard-coded 98).
+      kmeans_restarts: restarts, the best inertia kept (official 10).
+      kmeans_seed: k-means random_state (official 1).
+      chunk_size: query rows per similarity chunk (None: DEFAULT_CHUNK_BYTES of similarities).
+    """
+
+    recall_ks: Tuple[int, ...] = PAPER_RECALL_KS
+    clustering: bool = True
+    with_map: bool = True
+    kmeans: str = "auto"
+    n_clusters: Optional[int] = None
+    kmeans_restarts: int = OFFICIAL_KMEANS_RESTARTS
+    kmeans_seed: int = OFFICIAL_KMEANS_SEED
+    chunk_size: Optional[int] = None
+
+    def metric_names(self) -> Tuple[str, ...]:
+        """The keys `evaluate` returns under this protocol."""
+        return tuple((["nmi", "f1"] if self.clustering else []) + [f"recall@{k}" for k in self.recall_ks]
+                     + (["map@r", "r_precision"] if self.with_map else []))
+
+    def evaluate(self, embeddings, labels) -> Dict[str, float]:
+        """`evaluate` of the module with this protocol's settings."""
+        return evaluate(embeddings, labels, tuple(self.recall_ks), clustering=self.clustering,
+                        with_map=self.with_map, kmeans=self.kmeans, n_clusters=self.n_clusters,
+                        seed=self.kmeans_seed, n_init=self.kmeans_restarts, chunk_size=self.chunk_size)
+
+    def describe(self, num_classes: int) -> Optional[str]:
+        """The `clustering_protocol` line for a split of `num_classes` classes (None without clustering)."""
+        if not self.clustering:
+            return None
+        return clustering_protocol(self.n_clusters or num_classes, n_init=self.kmeans_restarts,
+                                   seed=self.kmeans_seed, kmeans=self.kmeans)
 
 
 _COLUMN_TITLES = {"nmi": "NMI", "f1": "F1", "map@r": "MAP@R", "r_precision": "RP"}
