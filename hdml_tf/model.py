@@ -90,6 +90,23 @@ def make_optimizers(optim: OptimConfig = OptimConfig(), hdml: bool = True) -> Di
     return optimizers
 
 
+def capped_branches(z: tf.Tensor, cap: float):
+    """Two copies of z [B, E] whose gradients are summed on the way back, the second one's norm capped.
+
+    The backward pass returns g_real + min(1, cap·‖g_real‖ / ‖g_syn‖)·g_syn, where g_real and g_syn are the gradients
+    arriving at the first and second copy (norms over the whole batch). Used by `--syn_gradient=capped`: the
+    synthetic branch never sends more than `cap` times the real J_m's gradient into the embeddings.
+    """
+    @tf.custom_gradient
+    def branches(x):
+        def grad(g_real, g_syn):
+            limit = cap * tf.norm(g_real)
+            scale = tf.minimum(1.0, limit / tf.maximum(tf.norm(g_syn), 1e-30))
+            return g_real + scale * g_syn
+        return (tf.identity(x), tf.identity(x)), grad
+    return branches(tf.convert_to_tensor(z, tf.float32))
+
+
 def weight_decay_variables(*models) -> List[keras.Variable]:
     """Kernels and biases of every non-BatchNorm layer (official `exclude_batch_norm`: no BN, no generator)."""
     chosen, seen = [], set()
@@ -222,14 +239,16 @@ class HDMLModel(keras.Model):
         weight_decay = cfg.weight_decay * tf.add_n(
             [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in self._decay_vars]) if self._decay_vars else 0.0
         weight_decay = tf.convert_to_tensor(weight_decay, tf.float32)
-        j_m = layout.metric_loss(z, labels) + weight_decay  # official: J_m = Loss(...) + wdLoss
         if not cfg.hdml:
+            j_m = layout.metric_loss(z, labels) + weight_decay  # official: J_m = Loss(...) + wdLoss
             return StepResult(losses={"loss": j_m, "j_m": j_m, "weight_decay": weight_decay}, running={"j_avg": j_m})
 
+        z, z_source = self._synthetic_source(z)  # the same z twice; the second one's gradient may be capped
+        j_m = layout.metric_loss(z, labels) + weight_decay  # official: J_m = Loss(...) + wdLoss
         factor = self.pull_factor()
-        z_hat, was_pulled = layout.synthesize(z, factor)
+        z_hat, was_pulled = layout.synthesize(z_source, factor)
         batch = tf.shape(z)[0]
-        y_gen = tf.cast(self.generator_net(tf.concat([z, z_hat], axis=0), training=training), tf.float32)
+        y_gen = tf.cast(self.generator_net(tf.concat([z_source, z_hat], axis=0), training=training), tf.float32)
         y_rec, y_syn = y_gen[:batch], y_gen[batch:]
         z_syn = tf.cast(self.metric_head(y_syn, training=training), tf.float32)
 
@@ -250,6 +269,16 @@ class HDMLModel(keras.Model):
             diagnostics={"pull_factor": factor, "syn_weight": 1.0 - real_weight,
                          "pulled_fraction": layout.pulled_fraction(was_pulled), "j_m_unweighted": j_m},
             was_pulled=was_pulled, features=y)
+
+    def _synthetic_source(self, z: tf.Tensor):
+        """(z for the real losses, z the synthetic branch starts from): the same values; with
+        `config.syn_gradient` other than "full", the synthetic branch's gradient into z is capped or stopped."""
+        mode = self.config.syn_gradient
+        if mode == "full":
+            return z, z
+        if mode == "none":
+            return z, tf.stop_gradient(z)
+        return capped_branches(z, self.config.syn_gradient_cap)
 
     def pull_factor(self) -> tf.Tensor:
         """The pull factor of this step's augmentation (float32 scalar), as `config.pull` says: the paper's
@@ -295,9 +324,14 @@ class HDMLModel(keras.Model):
         if self.config.hdml:
             # What each part of J_metric sends into the backbone: two small backward passes (head and generator
             # only, the backbone's own backward pass is shared), for the per-step diagnostics.
-            for key, loss in (("grad_real_norm", "j_m"), ("grad_syn_norm", "j_syn")):
-                g = tape.gradient(step.losses[loss], step.features)
-                step.diagnostics[key] = tf.constant(0.0) if g is None else tf.norm(g)
+            # The synthetic part is what J_metric sends beyond the real part (with --syn_gradient=capped the
+            # capped gradient; otherwise ∂J_syn/∂y).
+            g_real = tape.gradient(step.losses["j_m"], step.features)
+            g_all = tape.gradient(step.losses["loss"], step.features)
+            g_real = tf.zeros_like(step.features) if g_real is None else g_real
+            g_syn = tf.zeros_like(step.features) if g_all is None else g_all - g_real
+            step.diagnostics["grad_real_norm"] = tf.norm(g_real)
+            step.diagnostics["grad_syn_norm"] = tf.norm(g_syn)
         del tape
         return step, routes, grads, self._nonfinite_flags(step, grads), state
 

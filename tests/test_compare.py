@@ -115,6 +115,8 @@ def test_variant_overrides_and_errors():
         parse_variant("hdml+alpha=x")
     with pytest.raises(ConfigError, match="variant hdml_fixed_hardness\\+fixed_pull=2: fixed_pull=2.0 must lie"):
         parse_variant("hdml_fixed_hardness+fixed_pull=2").config(HDMLConfig())
+    with pytest.raises(ConfigError, match="syn_gradient='half' is unknown; expected one of full, capped, none"):
+        parse_variant("hdml+syn_gradient=half").config(HDMLConfig())
     with pytest.raises(ConfigError, match="variant hdml is listed twice"):
         parse_variants(["hdml", "baseline", "hdml"])
     assert set(PRESETS) == {"baseline", "hdml", "hdml_no_hardness", "hdml_fixed_hardness", "hdml_no_softmax",
