@@ -20,6 +20,7 @@ Names are imported on first use (PEP 562), so `import hdml_tf` itself does not i
 - evaluation: `EvaluationCallback`, `EvaluationProtocol`, `EvaluationFiles`, `evaluate`, `embed_dataset`,
   `format_results`, `split_validation_classes`
 - serving and runs: `export_saved_model`, `load_embedder`, `save_keras`, `load_keras`, `RunDir`, `run_experiment`
+- diagnostics and comparisons: `StepLog` (every step's logged values), `parse_variant`, `Comparison`
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ _EXPORTS = {
     "format_results": "hdml_tf.evaluation", "split_validation_classes": "hdml_tf.evaluation",
     "export_saved_model": "hdml_tf.serving", "load_embedder": "hdml_tf.rundir", "save_keras": "hdml_tf.rundir",
     "load_keras": "hdml_tf.rundir", "RunDir": "hdml_tf.rundir", "run_experiment": "hdml_tf.experiment",
+    "StepLog": "hdml_tf.diagnostics", "parse_variant": "hdml_tf.variants", "Comparison": "hdml_tf.comparison",
 }
 #: Sub-modules reachable as attributes (`hdml_tf.layouts.get("triplet")`).
 _MODULES = ("layouts", "losses", "hardness", "datasets")

@@ -57,6 +57,13 @@ def _backbone_names():
     return tuple(BACKBONES)
 
 
+#: How the pull factor of the hardness-aware augmentation is computed (HDMLConfig.pull).
+PULL_MODES = ("adaptive", "fixed", "none")
+#: How much gradient J_syn may send back through the generator into the embedding and the backbone
+#: (HDMLConfig.syn_gradient).
+SYN_GRADIENT_MODES = ("full", "capped", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class HDMLConfig:
     """Hyper-parameters of the method (what the model computes, not how long it trains)."""
@@ -67,6 +74,20 @@ class HDMLConfig:
     hdml: bool = option(True, "Apply HDML; false trains the plain baseline with the same everything else.")
     alpha: float = option(90.0, "alpha of the pull factor exp(-alpha/J_avg) of the hardness-aware augmentation "
                                 "(paper eq. 8; official 90).")
+    pull: str = option("adaptive", "How the pull factor of the augmentation is computed: adaptive is the paper's "
+                                   "exp(-alpha/J_avg); fixed uses --fixed_pull at every step; none uses 1, so the "
+                                   "synthetic negatives are the generator's reconstruction of the real ones (an "
+                                   "ablation).", choices=PULL_MODES)
+    fixed_pull: float = option(0.5, "The constant pull factor of --pull=fixed, in [0, 1] (1: negatives stay, 0: "
+                                    "they land at the positive's distance).")
+    syn_gradient: str = option("full", "The gradient J_syn sends through the generator into the embeddings z (and so "
+                                       "into the backbone): full is the paper's; capped scales it, each step, to at "
+                                       "most --syn_gradient_cap times the norm of the real J_m's gradient at z; none "
+                                       "stops it (J_syn then trains the metric head only). An option against the "
+                                       "instability of from-scratch training (README), off by default.",
+                               choices=SYN_GRADIENT_MODES)
+    syn_gradient_cap: float = option(1.0, "The cap of --syn_gradient=capped: the norm of J_syn's gradient at z is at "
+                                          "most this times that of the real J_m's.")
     beta: float = option(1e4, "beta of the synthetic weight 1 - exp(-beta/J_gen) (paper eq. 15; 1e4 Cars196, 5e3 "
                               "CUB).")
     gen_lambda: float = option(0.5, "lambda trading J_recon against J_soft in J_gen (official 0.5).")
@@ -89,6 +110,15 @@ class HDMLConfig:
             _positive(name, getattr(self, name))
         if not 0.0 <= self.gen_lambda <= 1.0:
             raise ConfigError(f"gen_lambda={self.gen_lambda} must lie in [0, 1]")
+        if self.pull not in PULL_MODES:
+            raise ConfigError(f"pull={self.pull!r} is unknown; expected one of {', '.join(PULL_MODES)}")
+        if not 0.0 <= self.fixed_pull <= 1.0:
+            raise ConfigError(f"fixed_pull={self.fixed_pull} must lie in [0, 1]")
+        if self.syn_gradient not in SYN_GRADIENT_MODES:
+            raise ConfigError(f"syn_gradient={self.syn_gradient!r} is unknown; expected one of "
+                              f"{', '.join(SYN_GRADIENT_MODES)}")
+        if self.syn_gradient_cap < 0:
+            raise ConfigError(f"syn_gradient_cap={self.syn_gradient_cap} must be >= 0")
         for name in ("softmax_factor", "npair_l2", "weight_decay", "triplet_margin", "contrastive_margin"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")

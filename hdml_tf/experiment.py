@@ -283,13 +283,27 @@ def _fit_global_epochs(model, run: RunConfig, hdml: HDMLConfig, train: ImageSet,
 
 
 def enable_determinism(seed: int) -> None:
-    """Seeds Python, NumPy, TensorFlow and Keras, and makes TensorFlow ops deterministic (global, irreversible).
+    """Seeds Python, NumPy, TensorFlow and Keras, makes TensorFlow ops deterministic and, on a machine without a
+    GPU, runs one op at a time (global, irreversible).
 
-    Bit-identical runs on a CPU also need TensorFlow's oneDNN kernels off (TF_ENABLE_ONEDNN_OPTS=0 before
-    TensorFlow is imported; the tools do it for --deterministic): `onednn_enabled` tells, and a warning says so.
+    Op determinism alone did not make two CPU runs of the glyph demo equal, for two measured reasons. (1) Repeated
+    runs of one seed drifted apart by float round-off after about 20 steps because TensorFlow ran independent ops
+    concurrently and the oneDNN kernels inside them then split their sums over a varying number of threads; with
+    one inter-op thread, 3 x 100 steps were bit-identical, at no measured cost on 2 cores (README, "Does HDML
+    help?"). The thread setting only takes effect before TensorFlow's runtime starts; later it is logged, not set.
+    (2) Even so, two processes could differ in the last bit of a gradient with oneDNN on (README "Runs, resuming,
+    and what is never lost"): TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported (the tools do it for
+    --deterministic); `run_record.onednn_enabled` tells, and a warning says so.
     """
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    if not tf.config.list_physical_devices("GPU") and tf.config.threading.get_inter_op_parallelism_threads() != 1:
+        try:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            log.warning("--deterministic: TensorFlow's runtime already started, so ops may still run concurrently "
+                        "and CPU results may differ by round-off between runs; enable determinism before any "
+                        "TensorFlow op (tools do)")
     _warn_if_onednn()
 
 
@@ -384,7 +398,8 @@ def run_experiment(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, *, comp
     Writes into the output directory (`hdml_tf.rundir.RunDir`): run.json, results.json, history_<variant>.csv (one
     row per epoch, as it goes), curves_<variant>.png, <variant>.weights.h5 and <variant>.keras (the last weights;
     `hdml_tf.rundir.load_keras`, tools/export.py and tools/evaluate.py read it), TensorBoard scalars of every
-    training loss and diagnostic under logs/<variant>/train.
+    training loss and diagnostic under logs/<variant>/train,
+    steps_<variant>.csv / .png (every step's own values, `hdml_tf.diagnostics.StepLog`).
     With `run.eval_every_epochs` > 0 also eval_<variant>.csv (one row per evaluation), eval_<variant>.json (best
     and last), <variant>.best.weights.h5 (best by `run.monitor`) and the val_* TensorBoard scalars under
     logs/<variant>; results["test"] then holds the last checkpoint as "<variant>" and the selected one as
@@ -491,9 +506,11 @@ def _train_and_score(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, varia
         printer(f"training {name}: {cfg.loss} loss, {run.backbone} at {run.crop_size()} px, batch {run.batch_size}, "
                 f"{run.steps:,} steps")
         selector = _evaluation_callback(run, name, val if val is not None else test, out)
+        from hdml_tf.diagnostics import StepLog
         epoch_log = EpochLog(out.history(name), out.train_logs(name), run.steps_per_epoch)
+        step_log = StepLog(out.steps(name), log_dir=str(out.logs(name)))
         start = time.time()
-        fit(model, run, cfg, train, ([selector] if selector else []) + [epoch_log] + list(callbacks))
+        fit(model, run, cfg, train, ([selector] if selector else []) + [epoch_log, step_log] + list(callbacks))
         seconds = time.time() - start
         geometry = run.augment()
         out.save_model(model, name, image_size=geometry.crop, resize=geometry.resize, backbone=run.backbone)
@@ -505,6 +522,7 @@ def _train_and_score(run: RunConfig, hdml: HDMLConfig, optim: OptimConfig, varia
                                      "starts": len(claim.marker.get("starts", []))}},
                  "train_seconds": {name: round(seconds, 1)}}
         out.plot_curves(name)
+        out.plot_steps(name)
         if selector is not None and selector.best is not None:
             _score_selected(model, run, name, selector, test_ds, ks, piece, out)
         claim.finished(name, piece)

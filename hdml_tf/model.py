@@ -30,9 +30,13 @@ from hdml_tf.generator import classifier, generator, metric_head
 from hdml_tf.losses import label_preserving_softmax, mean_cross_entropy, reconstruction_loss
 from hdml_tf.running_mean import WindowedMean
 
-#: Quantities logged each step (means over the epoch in Keras' logs).
+#: Quantities logged each step (means over the epoch in Keras' logs; each step's own values in `last_step_logs`).
+#: Beyond the losses: "j_m_unweighted" is J_m before the factor e^(−β/J_gen) (what the baseline's "j_m" is);
+#: "grad_real_norm" and "grad_syn_norm" are the norms of the gradients that e^(−β/J_gen)·J_m and J_syn send into the
+#: backbone (at its output features y, the whole batch: ‖∂L/∂y‖ over [B, D]).
 HDML_LOG_KEYS = ("loss", "j_m", "j_syn", "j_gen", "j_recon", "j_soft", "j_ce", "weight_decay", "pull_factor",
-                 "syn_weight", "pulled_fraction", "j_avg", "j_gen_avg", "skipped_steps")
+                 "syn_weight", "pulled_fraction", "j_avg", "j_gen_avg", "skipped_steps", "j_m_unweighted",
+                 "grad_real_norm", "grad_syn_norm")
 BASELINE_LOG_KEYS = ("loss", "j_m", "weight_decay", "j_avg", "skipped_steps")
 #: The losses among them (the rest are diagnostics and running means); each has a non-finite flag.
 LOSS_KEYS = ("loss", "j_m", "j_syn", "j_gen", "j_recon", "j_soft", "j_ce", "weight_decay")
@@ -47,14 +51,17 @@ class StepResult:
         weight decay; plain J_m for the baseline), "weight_decay", and for HDML "j_syn", "j_gen", "j_recon",
         "j_soft", "j_ce".
       running: this step's inputs to the running means ("j_avg", and "j_gen" for HDML), applied only if the step is.
-      diagnostics: logged quantities that are not losses: "pull_factor", "syn_weight", "pulled_fraction" (HDML).
+      diagnostics: logged quantities that are not losses: "pull_factor", "syn_weight", "pulled_fraction",
+        "j_m_unweighted" (HDML; the training step adds the gradient norms "grad_real_norm", "grad_syn_norm").
       was_pulled: bool, which negatives the augmentation moved (the layout's shape); not logged.
+      features: the backbone features y [B, D] float32 the losses saw (the global batch); not logged.
     """
 
     losses: Dict[str, tf.Tensor]
     running: Dict[str, tf.Tensor]
     diagnostics: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
     was_pulled: Optional[tf.Tensor] = None
+    features: Optional[tf.Tensor] = None
 
 
 class Route(NamedTuple):
@@ -81,6 +88,23 @@ def make_optimizers(optim: OptimConfig = OptimConfig(), hdml: bool = True) -> Di
         optimizers["classifier_optimizer"] = keras.optimizers.Adam(optim.classifier_learning_rate, epsilon=eps,
                                                                    name="classifier_adam")
     return optimizers
+
+
+def capped_branches(z: tf.Tensor, cap: float):
+    """Two copies of z [B, E] whose gradients are summed on the way back, the second one's norm capped.
+
+    The backward pass returns g_real + min(1, cap·‖g_real‖ / ‖g_syn‖)·g_syn, where g_real and g_syn are the gradients
+    arriving at the first and second copy (norms over the whole batch). Used by `--syn_gradient=capped`: the
+    synthetic branch never sends more than `cap` times the real J_m's gradient into the embeddings.
+    """
+    @tf.custom_gradient
+    def branches(x):
+        def grad(g_real, g_syn):
+            limit = cap * tf.norm(g_real)
+            scale = tf.minimum(1.0, limit / tf.maximum(tf.norm(g_syn), 1e-30))
+            return g_real + scale * g_syn
+        return (tf.identity(x), tf.identity(x)), grad
+    return branches(tf.convert_to_tensor(z, tf.float32))
 
 
 def weight_decay_variables(*models) -> List[keras.Variable]:
@@ -139,6 +163,10 @@ class HDMLModel(keras.Model):
                                        name="skipped_steps")
         keys = HDML_LOG_KEYS if config.hdml else BASELINE_LOG_KEYS
         self._trackers = {k: keras.metrics.Mean(name=k) for k in keys}
+        # Each step's own values (not the epoch means) for per-step logs (hdml_tf.diagnostics.StepLog), in tracker
+        # order; NaN stays NaN here. Not model state: a plain tf.Variable, not in weights or checkpoints.
+        self.last_step = tf.Variable(tf.zeros([len(keys)]), trainable=False, name="last_step",
+                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         # Diagnostics of the last step for the NaN guard (hdml_tf.callbacks.NonFiniteGuard): 1.0 where a loss or a
         # route's gradient was NaN/Inf. A plain tf.Variable: not model state, so not in weights or checkpoints.
         self.nonfinite_names = self._nonfinite_names()
@@ -211,14 +239,16 @@ class HDMLModel(keras.Model):
         weight_decay = cfg.weight_decay * tf.add_n(
             [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in self._decay_vars]) if self._decay_vars else 0.0
         weight_decay = tf.convert_to_tensor(weight_decay, tf.float32)
-        j_m = layout.metric_loss(z, labels) + weight_decay  # official: J_m = Loss(...) + wdLoss
         if not cfg.hdml:
+            j_m = layout.metric_loss(z, labels) + weight_decay  # official: J_m = Loss(...) + wdLoss
             return StepResult(losses={"loss": j_m, "j_m": j_m, "weight_decay": weight_decay}, running={"j_avg": j_m})
 
-        factor = hardness.pull_factor(self.j_avg.value, cfg.alpha)  # e^(−α/J_avg), eq. 8
-        z_hat, was_pulled = layout.synthesize(z, factor)
+        z, z_source = self._synthetic_source(z)  # the same z twice; the second one's gradient may be capped
+        j_m = layout.metric_loss(z, labels) + weight_decay  # official: J_m = Loss(...) + wdLoss
+        factor = self.pull_factor()
+        z_hat, was_pulled = layout.synthesize(z_source, factor)
         batch = tf.shape(z)[0]
-        y_gen = tf.cast(self.generator_net(tf.concat([z, z_hat], axis=0), training=training), tf.float32)
+        y_gen = tf.cast(self.generator_net(tf.concat([z_source, z_hat], axis=0), training=training), tf.float32)
         y_rec, y_syn = y_gen[:batch], y_gen[batch:]
         z_syn = tf.cast(self.metric_head(y_syn, training=training), tf.float32)
 
@@ -237,8 +267,28 @@ class HDMLModel(keras.Model):
             # J_avg averages the already weighted J_m: main_npair.py feeds that value back.
             running={"j_avg": j_m_weighted, "j_gen": j_gen},
             diagnostics={"pull_factor": factor, "syn_weight": 1.0 - real_weight,
-                         "pulled_fraction": layout.pulled_fraction(was_pulled)},
-            was_pulled=was_pulled)
+                         "pulled_fraction": layout.pulled_fraction(was_pulled), "j_m_unweighted": j_m},
+            was_pulled=was_pulled, features=y)
+
+    def _synthetic_source(self, z: tf.Tensor):
+        """(z for the real losses, z the synthetic branch starts from): the same values; with
+        `config.syn_gradient` other than "full", the synthetic branch's gradient into z is capped or stopped."""
+        mode = self.config.syn_gradient
+        if mode == "full":
+            return z, z
+        if mode == "none":
+            return z, tf.stop_gradient(z)
+        return capped_branches(z, self.config.syn_gradient_cap)
+
+    def pull_factor(self) -> tf.Tensor:
+        """The pull factor of this step's augmentation (float32 scalar), as `config.pull` says: the paper's
+        e^(−α/J_avg) (eq. 8, "adaptive"), the constant `config.fixed_pull` ("fixed"), or 1 ("none": ẑ = z, the
+        generator only reconstructs the real negatives)."""
+        if self.config.pull == "none":
+            return tf.constant(1.0, tf.float32)
+        if self.config.pull == "fixed":
+            return tf.constant(self.config.fixed_pull, tf.float32)
+        return hardness.pull_factor(self.j_avg.value, self.config.alpha)
 
     def _route_specs(self):
         """(gradient name, loss key, optimizer attribute, network or None for backbone + head) of each route: the
@@ -271,6 +321,17 @@ class HDMLModel(keras.Model):
             routes = self._routes()
             scaled = {r.name: r.optimizer.scale_loss(step.losses[r.loss] * loss_factor) for r in routes}
         grads = {r.name: tape.gradient(scaled[r.name], r.variables) for r in routes}
+        if self.config.hdml:
+            # What each part of J_metric sends into the backbone: two small backward passes (head and generator
+            # only, the backbone's own backward pass is shared), for the per-step diagnostics.
+            # The synthetic part is what J_metric sends beyond the real part (with --syn_gradient=capped the
+            # capped gradient; otherwise ∂J_syn/∂y).
+            g_real = tape.gradient(step.losses["j_m"], step.features)
+            g_all = tape.gradient(step.losses["loss"], step.features)
+            g_real = tf.zeros_like(step.features) if g_real is None else g_real
+            g_syn = tf.zeros_like(step.features) if g_all is None else g_all - g_real
+            step.diagnostics["grad_real_norm"] = tf.norm(g_real)
+            step.diagnostics["grad_syn_norm"] = tf.norm(g_syn)
         del tape
         return step, routes, grads, self._nonfinite_flags(step, grads), state
 
@@ -396,10 +457,15 @@ class HDMLModel(keras.Model):
         values = {**step.losses, **step.diagnostics, "j_avg": self.j_avg.value, "skipped_steps": self.skipped}
         if self.config.hdml:
             values["j_gen_avg"] = self.j_gen_avg.value
+        values = {key: tf.cast(values[key], tf.float32) for key in self._trackers}
+        self.last_step.assign(tf.stack(list(values.values())))
         for key, tracker in self._trackers.items():
-            value = tf.cast(values[key], tf.float32)
-            tracker.update_state(tf.where(tf.math.is_finite(value), value, 0.0))
+            tracker.update_state(tf.where(tf.math.is_finite(values[key]), values[key], 0.0))
         return {key: tracker.result() for key, tracker in self._trackers.items()}
+
+    def last_step_logs(self) -> Dict[str, float]:
+        """The last training step's own value of every logged key (eager; NaN where the step's value was NaN)."""
+        return dict(zip(self._trackers, (float(v) for v in self.last_step.read_value().numpy())))
 
     def test_step(self, data):
         """J_m (with weight decay, without HDML) on a batch in the tuple layout; no update."""

@@ -6,6 +6,7 @@
       results.json             what was run and what came out (`write_results`): configuration, data counts,
                                skipped images, library versions, commit, wall time, steps, metrics
       history_<variant>.csv    one row per epoch, numbered as in an uninterrupted run (`EpochLog` callback)
+      steps_<variant>.csv      every step's own logged values (`hdml_tf.diagnostics.StepLog`); steps_<variant>.png
       curves_<variant>.png     the training curves (`plot_curves`)
       <variant>.keras          the whole training model: weights, generator, classifier, running means and the three
                                optimizers (`save_keras`; `load_keras` resumes training from it)
@@ -114,6 +115,13 @@ class RunDir:
         """TensorBoard directory of a variant: evaluation scalars (val_*) here, training scalars in `train/`."""
         return self.path / "logs" / variant
 
+    def steps(self, variant: str) -> Path:
+        """Every step's own logged values (`hdml_tf.diagnostics.StepLog`)."""
+        return self.path / f"steps_{variant}.csv"
+
+    def step_curves(self, variant: str) -> Path:
+        return self.path / f"steps_{variant}.png"
+
     def train_logs(self, variant: str) -> Path:
         return self.logs(variant) / "train"
 
@@ -122,7 +130,8 @@ class RunDir:
         names = [self.results, self.marker]
         for v in VARIANTS:
             names += [self.keras(v), self.weights(v), self.best_weights(v), self.history(v), self.curves(v),
-                      self.eval_csv(v), self.eval_json(v), self.logs(v)]
+                      self.eval_csv(v), self.eval_json(v), self.logs(v), self.steps(v),
+                      self.step_curves(v)]
         found = [p for p in names if p.exists()]
         if self.path.is_dir():  # temporaries of writes a killed process left
             found += [p for p in self.path.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
@@ -131,7 +140,8 @@ class RunDir:
     def training_files(self, variant: str) -> List[Path]:
         """The files a variant's training writes as it goes (removed when an interrupted run starts from step 0)."""
         return [p for p in (self.history(variant), self.curves(variant), self.eval_csv(variant),
-                            self.eval_json(variant), self.best_weights(variant), self.logs(variant)) if p.exists()]
+                            self.eval_json(variant), self.best_weights(variant), self.logs(variant),
+                            self.steps(variant), self.step_curves(variant)) if p.exists()]
 
     # ---------------------------------------------------------------------------------------- writing
     def write_results(self, results: Dict) -> Path:
@@ -165,6 +175,17 @@ class RunDir:
         with atomic.guarded("the training curves", target), atomic.atomic_path(target) as temp:
             plot_training_curves(str(self.history(variant)), str(temp))
         return target
+
+    def plot_steps(self, variant: str) -> Optional[Path]:
+        """steps_<variant>.png from steps_<variant>.csv (None when matplotlib is missing or nothing was logged)."""
+        try:
+            from hdml_tf.diagnostics import plot_steps
+        except ImportError:  # pragma: no cover - plots are optional for a run
+            return None
+        if not self.steps(variant).exists():
+            return None
+        drawn = plot_steps(self.steps(variant), self.step_curves(variant), title=f"{variant}: every step")
+        return Path(drawn) if drawn else None
 
     def save_model(self, model, variant: str, *, image_size: int, resize: int, backbone: str) -> None:
         """<variant>.weights.h5 and <variant>.keras (with the run's geometry), each atomic."""

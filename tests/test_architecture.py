@@ -11,12 +11,12 @@ TOOLS = ROOT / "tools"
 
 #: Floors of docs/ARCHITECTURE.md: a module's MODULE-LEVEL imports of hdml_tf stay on its floor or below.
 FLOORS = {
-    0: ("config", "errors", "atomic", "progress"),
-    1: ("losses", "hardness", "layouts", "running_mean", "generator", "data"),
+    0: ("config", "errors", "atomic", "progress", "statistics"),
+    1: ("losses", "hardness", "layouts", "running_mean", "generator", "data", "variants"),
     2: ("model", "distribute", "backbones", "evaluation", "serving"),
     3: ("rundir", "retrieval", "checkpointing", "callbacks", "benchmarking", "paper", "training_progress",
-        "run_summary"),
-    4: ("experiment",),
+        "run_summary", "diagnostics"),
+    4: ("experiment", "comparison"),
 }
 FLOOR_OF = {name: floor for floor, names in FLOORS.items() for name in names}
 
