@@ -15,7 +15,7 @@ FLOORS = {
     1: ("losses", "hardness", "layouts", "running_mean", "generator", "data", "variants"),
     2: ("model", "distribute", "backbones", "evaluation", "serving"),
     3: ("rundir", "retrieval", "checkpointing", "callbacks", "benchmarking", "paper", "training_progress",
-        "run_summary", "diagnostics"),
+        "run_summary", "diagnostics", "run_record"),
     4: ("experiment", "comparison"),
 }
 FLOOR_OF = {name: floor for floor, names in FLOORS.items() for name in names}
