@@ -236,6 +236,14 @@ def any_replica(flags: tf.Tensor) -> tf.Tensor:
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(flags, tf.float32)) > 0.0
 
 
+def sum_over_replicas(value: tf.Tensor) -> tf.Tensor:
+    """The sum of `value` over the replicas (one all-reduce; `value` itself on one device)."""
+    ctx = tf.distribute.get_replica_context()
+    if not in_replica_of_strategy() or ctx.num_replicas_in_sync == 1:
+        return value
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
 def reducible_logs(logs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     """A step's logs as Keras can reduce them across workers.
 

@@ -575,10 +575,8 @@ def _load_splits(run: RunConfig):
     """(train, test, the photo set's count report or None)."""
     from hdml_tf.data import datasets
     splits = datasets.get(run.dataset).load(run.data_dir, image_size=run.augment().resize, seed=run.seed)
-    report = getattr(splits, "report", None)
-    if report is not None:
-        (log.warning if report.partial else log.info)(report.summary())
-    return splits[0], splits[1], report
+    # The photo set's reader has already logged its count check (once per run: a warning for a partial copy).
+    return splits[0], splits[1], getattr(splits, "report", None)
 
 
 def check_disk_space(model, run: RunConfig, out: RunDir) -> None:

@@ -54,7 +54,8 @@ class StepResult:
       diagnostics: logged quantities that are not losses: "pull_factor", "syn_weight", "pulled_fraction",
         "j_m_unweighted" (HDML; the training step adds the gradient norms "grad_real_norm", "grad_syn_norm").
       was_pulled: bool, which negatives the augmentation moved (the layout's shape); not logged.
-      features: the backbone features y [B, D] float32 the losses saw (the global batch); not logged.
+      features: this replica's backbone features y [B, D] float32, before the global batch is gathered (the
+        tensor whose gradient reaches the backbone); not logged.
     """
 
     losses: Dict[str, tf.Tensor]
@@ -235,6 +236,7 @@ class HDMLModel(keras.Model):
         labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
         y = tf.cast(self.backbone(images, training=training), tf.float32)
         z = tf.cast(self.metric_head(y, training=training), tf.float32)
+        y_local = y
         y, z, labels = self._global_batch(y, z, labels)
         weight_decay = cfg.weight_decay * tf.add_n(
             [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in self._decay_vars]) if self._decay_vars else 0.0
@@ -268,7 +270,7 @@ class HDMLModel(keras.Model):
             running={"j_avg": j_m_weighted, "j_gen": j_gen},
             diagnostics={"pull_factor": factor, "syn_weight": 1.0 - real_weight,
                          "pulled_fraction": layout.pulled_fraction(was_pulled), "j_m_unweighted": j_m},
-            was_pulled=was_pulled, features=y)
+            was_pulled=was_pulled, features=y_local)
 
     def _synthetic_source(self, z: tf.Tensor):
         """(z for the real losses, z the synthetic branch starts from): the same values; with
@@ -330,8 +332,12 @@ class HDMLModel(keras.Model):
             g_all = tape.gradient(step.losses["loss"], step.features)
             g_real = tf.zeros_like(step.features) if g_real is None else g_real
             g_syn = tf.zeros_like(step.features) if g_all is None else g_all - g_real
-            step.diagnostics["grad_real_norm"] = tf.norm(g_real)
-            step.diagnostics["grad_syn_norm"] = tf.norm(g_syn)
+            # Under a strategy of R replicas each replica holds its slice's rows of the gradient, R times over: every
+            # replica computed the same global loss and the gather's gradient sums them (hence · loss_factor = 1/R).
+            # ‖·‖ over the global batch is the square root of the replicas' summed squares (the same everywhere).
+            for key, g in (("grad_real_norm", g_real), ("grad_syn_norm", g_syn)):
+                squares = tf.reduce_sum(tf.square(g * loss_factor))
+                step.diagnostics[key] = tf.sqrt(distribute.sum_over_replicas(squares))
         del tape
         return step, routes, grads, self._nonfinite_flags(step, grads), state
 

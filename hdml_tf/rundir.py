@@ -490,7 +490,7 @@ def claim_run(output_dir, identity: Dict, *, checkpoint_dir: Optional[str] = Non
     out = RunDir(output_dir)
     marker = out.read_marker()
     if (not overwrite and marker and marker.get("state") == "complete"
-            and marker.get("fingerprint") == fingerprint(identity)):
+            and marker.get("fingerprint") == fingerprint(identity) and out.results.exists()):
         return RunClaim(out, identity, "complete", marker, [], marker, checkpoint_dir)  # read only: nothing changes
     atomic.check_writable_dir(out.path, flag)
     if checkpoint_dir:
@@ -560,8 +560,10 @@ def _decide(out: RunDir, identity: Dict, checkpoint_dir: Optional[str], overwrit
     if overwrite:  # the same run, asked to start over
         _remove([p for p in out.owned_files() if p.name != LOCK] + checkpoints)
         return "new", None
-    if marker.get("state") == "complete":
+    if marker.get("state") == "complete" and out.results.exists():
         return "complete", marker
+    # (complete without results.json, removed by hand: continued below, which rebuilds it from the pieces the run
+    # recorded as finished in run.json, without training them again)
     if checkpoints:
         return "resume", marker
     finished = marker.get("finished", {})

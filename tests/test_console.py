@@ -357,7 +357,7 @@ def test_end_of_run_summary_names_files_that_exist(partial_run):
     files = [line.split()[0] for line in lines[start + 1:] if line.startswith("  ") and not
              line.startswith("  python")]
     assert files[:3] == ["curves_hdml.png", "results.json", "hdml.keras"]
-    assert all((out / name).is_file() for name in files), files
+    assert all((out / name).is_dir() if name.endswith("/") else (out / name).is_file() for name in files), files
     commands = [line.strip() for line in lines[start:] if line.startswith("  python")]
     assert commands == [f"python tools/evaluate.py --model={out} --plots_dir={out}/plots",
                         f"python tools/export.py --checkpoint={out} --output={out}/saved_model"]

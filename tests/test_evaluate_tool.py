@@ -92,8 +92,12 @@ def test_tool_matches_in_process_metrics_and_writes_plots(trained, tmp_path):
                                              "(official protocol)")
     assert report["clustering_protocol"] in result.stdout.splitlines()
     assert set(report["metrics"]) == set(expected)
+    # The tool runs in a fresh process; this one may carry global TensorFlow settings of earlier tests (op
+    # determinism, one inter-op thread: irreversible), whose kernels round differently, so a near-tie between two
+    # neighbours can flip for one query of 896: allow that, no more.
+    one_query = 1.0 / report["num_images"]
     for key, value in expected.items():
-        assert report["metrics"][key] == pytest.approx(value, abs=1e-6), key
+        assert report["metrics"][key] == pytest.approx(value, abs=1.5 * one_query), key
         # the saved .keras is the last checkpoint the run scored itself
         assert report["metrics"][key] == pytest.approx(results["test"]["hdml"][key], abs=1e-4), key
     for name in ("tsne.png", "retrieval.png"):

@@ -87,7 +87,7 @@ def test_the_same_command_after_the_run_finished_reports_it_and_changes_no_file(
         assert again.returncode == 0, again.stderr[-3000:]
         assert "Traceback" not in again.stderr
         complete = [ln for ln in again.stdout.splitlines() if ln.startswith("run complete: ")]
-        assert len(complete) == 1 and Path(complete[0].split(": ", 1)[1].split(" holds this run")[0]).resolve() == out
+        assert len(complete) == 1 and (cwd / complete[0].split(": ", 1)[1].split(" holds this run")[0]).resolve() == out
         row = [ln for ln in again.stdout.splitlines() if ln.startswith("hdml ")]  # the stored results, printed
         assert len(row) == 1 and f"{100 * stored['nmi']:.1f}" in row[0] and f"{100 * stored['recall@1']:.1f}" in row[0]
         assert "DRIVER_STEP" not in again.stdout  # nothing trained

@@ -17,6 +17,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+# As in the real tool, tools/common_flags.py is imported before TensorFlow: --deterministic turns oneDNN off then.
+sys.path.insert(0, str(HERE.parent / "tools"))
+import common_flags  # noqa: E402,F401
 
 import keras  # noqa: E402
 
