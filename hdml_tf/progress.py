@@ -324,18 +324,29 @@ class CountProgress:
         if self._tty:
             if final and len(text) > max(10, self._width - 1):
                 text = text[:max(10, self._width - 1) - 3] + "..."
-            self.stream.write("\r" + text + " " * max(0, self._drawn - len(text)) + ("\n" if final else ""))
-            self._drawn = 0 if final else len(text)
-            _release_live(self) if final else _set_live(self)
+            redraw_live(self, text, final)
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
 
     def _end_live(self, keep: bool) -> None:
-        self.stream.write("\n" if keep else "\r" + " " * self._drawn + "\r")
+        erase_live(self, keep)
         self._drawn = 0
         self.stream.flush()
 
+
+
+def redraw_live(owner, text: str, final: bool) -> None:
+    """Draws `text` over `owner`'s live line on a terminal (`owner.stream`, `owner._drawn`: characters on it now);
+    `final` ends the line and releases it, otherwise `owner` holds the live line."""
+    owner.stream.write("\r" + text + " " * max(0, owner._drawn - len(text)) + ("\n" if final else ""))
+    owner._drawn = 0 if final else len(text)
+    _release_live(owner) if final else _set_live(owner)
+
+
+def erase_live(owner, keep: bool) -> None:
+    """Ends `owner`'s live line: kept as written (`keep`) or wiped. The caller decides what `_drawn` becomes."""
+    owner.stream.write("\n" if keep else "\r" + " " * owner._drawn + "\r")
 
 def _format_rate(rate: float) -> str:
     """Three significant figures at most: 0.25, 3.1, 42, 1,250."""
@@ -415,13 +426,11 @@ class Activity:
                     return  # someone else ended this line (a log record): do not draw over their output
                 limit = max(10, terminal_width(self.stream) - 1)
                 text = text if len(text) <= limit else text[:limit - 3] + "..."
-                self.stream.write("\r" + text + " " * max(0, self._drawn - len(text)) + ("\n" if final else ""))
-                self._drawn = 0 if final else len(text)
-                _release_live(self) if final else _set_live(self)
+                redraw_live(self, text, final)
             else:
                 self.stream.write(text + "\n")
             self.stream.flush()
 
     def _end_live(self, keep: bool) -> None:
-        self.stream.write("\n" if keep else "\r" + " " * self._drawn + "\r")
+        erase_live(self, keep)
         self.stream.flush()

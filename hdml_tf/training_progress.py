@@ -171,16 +171,14 @@ class TrainingProgress(keras.callbacks.Callback):
     # ------------------------------------------------------------------------------------------- drawing
     def _draw(self, text: str, final: bool = False) -> None:
         if self._tty:
-            self.stream.write("\r" + text + " " * max(0, self._drawn - len(text)) + ("\n" if final else ""))
-            self._drawn = 0 if final else len(text)
-            progress._release_live(self) if final else progress._set_live(self)
+            progress.redraw_live(self, text, final)
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
 
     def _end_live(self, keep: bool) -> None:
         """Called through `hdml_tf.progress.end_line` when something else prints between two steps."""
-        self.stream.write("\n" if keep else "\r" + " " * self._drawn + "\r")
+        progress.erase_live(self, keep)
         self.stream.flush()
         self._drawn = 0
         self._last_end = None  # that something took time that is not a step's
